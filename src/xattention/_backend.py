@@ -1,0 +1,64 @@
+"""Which implementation serves a call: the Triton kernels or the chunked PyTorch reference.
+
+``auto`` picks Triton for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``, which is
+how CI exercises the kernels) when the kernels support the inputs; otherwise the PyTorch path. A
+fast path that cannot serve says why once, then the reference path runs: never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """None when the Triton kernels can be imported, else the reason they cannot."""
+    try:
+        import triton  # noqa: F401
+
+        from . import kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or triton failing on an odd platform
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device, unsupported: str | None, op: str) -> str:
+    """Return "triton" or "torch" for ``op``.
+
+    ``unsupported`` is None when the Triton kernel accepts these inputs, else the reason it does not
+    (e.g. a head_dim it was not built for). An explicit ``backend="triton"`` that cannot serve
+    raises; ``auto`` warns once and uses the reference path.
+    """
+    if backend == "torch":
+        return "torch"
+    reason = unsupported
+    if device.type != "cuda" and not interpreter_enabled():
+        if backend == "auto":
+            return "torch"
+        reason = f"tensors are on {device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
+    if reason is None:
+        reason = triton_import_error()
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run {op}: {reason}")
+    warn_once(f"xattention: the Triton {op} kernel cannot serve this call ({reason}); "
+              "using the PyTorch reference path")
+    return "torch"

@@ -1,0 +1,173 @@
+"""Input checks shared by the public functions.
+
+Every public entry point validates once, up front, and raises ``TypeError`` / ``ValueError`` that
+name the offending argument; the backends behind it assume valid input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    k_len: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have rank 4 [batch, heads, length, head_dim], got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_qkv(q: object, k: object, v: object | None = None) -> AttentionShape:
+    """Validate q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] against DESIGN.md §2 and return the sizes."""
+    q = _check_tensor("q", q)
+    k = _check_tensor("k", k)
+    named = [("q", q), ("k", k)]
+    if v is not None:
+        v = _check_tensor("v", v)
+        named.append(("v", v))
+    for name, x in named[1:]:
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
+    b, hq, lq, d = q.shape
+    _, hkv, lk, dk = k.shape
+    if k.shape[0] != b:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {b}")
+    if dk != d:
+        raise ValueError(f"k has head_dim {dk} but q has {d}; they must match")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA")
+    if lq == 0 or lk == 0 or d == 0:
+        raise ValueError(f"q and k need non-empty lengths and head_dim, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if lq > lk:
+        raise ValueError(f"q length ({lq}) must not exceed k length ({lk}): queries are the last "
+                         "q_len positions of the context")
+    return AttentionShape(b, hq, hkv, lq, lk, d)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def check_block_params(stride: object, block_size: object) -> tuple[int, int]:
+    stride = _check_positive_int("stride", stride)
+    block_size = _check_positive_int("block_size", block_size)
+    if block_size % stride != 0:
+        raise ValueError(f"stride ({stride}) must divide block_size ({block_size})")
+    return stride, block_size
+
+
+def check_block_size(block_size: object) -> int:
+    return _check_positive_int("block_size", block_size)
+
+
+def check_lengths(q_len: object, k_len: object) -> tuple[int, int]:
+    q_len = _check_positive_int("q_len", q_len)
+    k_len = _check_positive_int("k_len", k_len)
+    if q_len > k_len:
+        raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len})")
+    return q_len, k_len
+
+
+def check_threshold(threshold: object, num_heads: int) -> float | torch.Tensor:
+    """A float in (0, inf) or a tensor of ``num_heads`` such values (per query head)."""
+    if isinstance(threshold, torch.Tensor):
+        if threshold.dim() == 0:
+            threshold = float(threshold)
+        else:
+            if threshold.shape != (num_heads,):
+                raise ValueError(f"threshold tensor must have shape [{num_heads}] (one per query "
+                                 f"head), got {tuple(threshold.shape)}")
+            if not threshold.is_floating_point():
+                threshold = threshold.double()
+            t = threshold.detach()
+            if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+                raise ValueError(f"threshold values must lie in (0, inf), got {t.tolist()}")
+            return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float or a tensor [q_heads], got "
+                        f"{type(threshold).__name__}")
+    threshold = float(threshold)
+    if not (threshold > 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold must lie in (0, inf), got {threshold}")
+    return threshold
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return scale
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def check_block_mask(mask: object, shape: AttentionShape, block_size: int) -> torch.Tensor:
+    """A bool mask [B|1, Hq|1, ceil(Lq/Bs), ceil(Lk/Bs)]; returned expanded to [B, Hq, ...]."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    nqb = -(-shape.q_len // block_size)
+    nkb = -(-shape.k_len // block_size)
+    expected = (shape.batch, shape.q_heads, nqb, nkb)
+    ok = (
+        mask.dim() == 4
+        and mask.shape[0] in (1, shape.batch)
+        and mask.shape[1] in (1, shape.q_heads)
+        and tuple(mask.shape[2:]) == (nqb, nkb)
+    )
+    if not ok:
+        raise ValueError(f"mask must have shape {list(expected)} (batch and head dims may be 1), "
+                         f"got {list(mask.shape)}")
+    return mask.expand(*expected)
+
+
+def check_scores(scores: object) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores must have rank 4 [batch, q_heads, q_blocks, k_blocks], got "
+                         f"shape {tuple(scores.shape)}")
+    return scores

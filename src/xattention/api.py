@@ -1,0 +1,63 @@
+"""``xattention()``: estimate, select, then block-sparse attention, in one call."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_backend, check_block_params, check_qkv, check_scale, check_threshold
+from .estimate import _estimate
+from .selection import _select
+from .sparse_attention import _sparse_attention
+
+
+def xattention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    threshold: float | torch.Tensor = 0.9,
+    stride: int = 8,
+    block_size: int = 128,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """XAttention: attention over the blocks that antidiagonal scoring says matter.
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` queries, the last ``Lq`` positions of the context (``Lq < Lk`` is
+            chunked prefill against a KV cache).
+        k, v: ``[B, Hkv, Lk, D]``; ``Hq % Hkv == 0`` (GQA: pass K/V unrepeated).
+        threshold: fraction of estimated attention mass each query block keeps; a float in
+            ``(0, inf)`` or a tensor ``[Hq]``. ``>= 1`` keeps every block (dense attention).
+        stride: antidiagonal stride ``S`` of the estimate; divides ``block_size``.
+        block_size: block edge of the sparsity pattern.
+        causal: causal attention, queries aligned to the end of the keys.
+        scale: softmax scale, ``1/sqrt(D)`` when None.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+        return_mask: also return the bool block mask ``[B, Hq, ceil(Lq/Bs), ceil(Lk/Bs)]``.
+
+    Returns:
+        the attention output ``[B, Hq, Lq, D]`` in the dtype of ``q`` (and the mask if asked).
+
+    Example:
+        >>> import torch
+        >>> from xattention import xattention, block_density
+        >>> q, k, v = (torch.randn(1, 4, 1024, 64) for _ in range(3))
+        >>> out, mask = xattention(q, k, v, threshold=0.9, block_size=128, return_mask=True)
+        >>> out.shape
+        torch.Size([1, 4, 1024, 64])
+        >>> 0 < block_density(mask, 1024, 1024, block_size=128)["overall"] <= 1
+        True
+    """
+    shape = check_qkv(q, k, v)
+    stride, block_size = check_block_params(stride, block_size)
+    threshold = check_threshold(threshold, shape.q_heads)
+    scale = check_scale(scale, shape.head_dim)
+    backend = check_backend(backend)
+    causal = bool(causal)
+
+    scores = _estimate(q, k, stride, block_size, causal, scale, backend)
+    mask = _select(scores, threshold, shape.q_len, shape.k_len, block_size, causal)
+    out = _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, False)
+    return (out, mask) if return_mask else out
