@@ -1,9 +1,9 @@
 """Command-line entry point: ``xattention demo | eval | calibrate``.
 
-Each subcommand lives in its own module, which exposes ``register_cli(subparsers)``; it adds its
-parser and sets ``func`` to a callable taking the parsed ``argparse.Namespace``. Modules are imported
-only when their subcommand exists on this install (``eval`` needs the ``[eval]`` extra), so a light
-install still gets a working ``xattention demo``.
+Each subcommand lives in its own module, which exposes ``register_cli(subparsers)``; it adds
+its parser and sets ``func`` to a callable taking the parsed ``argparse.Namespace``. Modules are
+imported only when their subcommand exists on this install (``eval`` needs the ``[eval]``
+extra), so a light install still gets a working ``xattention demo``.
 """
 
 from __future__ import annotations

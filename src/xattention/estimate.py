@@ -81,7 +81,7 @@ def _estimate(q, k, stride, block_size, causal, scale, backend) -> torch.Tensor:
 
 def strided_queries(q: torch.Tensor, stride: int, dtype: torch.dtype) -> torch.Tensor:
     """``[..., L, D] -> [..., ceil(L/S), S*D]`` with each group's rows reversed (zero padded)."""
-    length, d = q.shape[-2], q.shape[-1]
+    length = q.shape[-2]
     groups = num_blocks(length, stride)
     q = F.pad(q.to(dtype), (0, 0, 0, groups * stride - length))
     return q.unflatten(-2, (groups, stride)).flip(-2).flatten(-2)

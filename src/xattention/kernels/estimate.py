@@ -1,0 +1,230 @@
+"""Fused antidiagonal estimate in Triton, and its launcher.
+
+The reference computes ``A = Q_str K_str^T`` over the strided reshape, a softmax per row and block
+sums. The original implementation writes ``A`` (``(L/S)^2`` per head) to memory and reads it twice.
+Here one kernel does it all in a single pass over the keys:
+
+1. For a tile of query groups (rows) and every head of its GQA group, stream the key groups in
+   tiles. The antidiagonal dot products come straight from q and k in memory: for offset ``t`` the
+   query rows ``a*S + S-1-t`` meet the key rows ``b*S + t``, so no strided copy is ever made, and
+   one K tile serves all query heads that share it.
+2. Keep an online softmax per row (running max ``m`` and sum ``l``). For each key tile, sum
+   ``exp(A - m_now)`` over the key groups of each key block and store those per-row partial block
+   sums plus ``m_now``: ``L/Bs`` numbers per row instead of ``L/S``.
+3. After the last key tile, the program reads its own partials back, rescales each by
+   ``exp(m_then - m_final) / l_final`` (now the exact softmax), sums the rows of each query block
+   and writes the normalised block scores.
+
+The partials live in a scratch buffer sized for one chunk of query groups at a time (the launcher
+walks the query length in chunks), so memory stays bounded at any length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreter_enabled
+from ..block_layout import num_blocks
+
+_LOG2E = 1.4426950408889634
+# Scratch for partial block sums of one launch, in bytes.
+_SCRATCH_BYTES = 512 << 20
+
+
+def _configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"ROWS": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = []
+    for rows in (16, 32, 64, 128):
+        for bn in (64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    configs.append(triton.Config({"ROWS": rows, "BLOCK_N": bn}, num_warps=warps,
+                                                 num_stages=stages))
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    gpb, g_tile = kwargs["GPB"], kwargs["G_TILE"]
+    kept = []
+    for c in configs:
+        rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
+        if rows < gpb or bn < gpb:
+            continue
+        if not interpreter_enabled() and not (64 <= rows * g_tile <= 128):
+            continue
+        kept.append(c)
+    if not kept:
+        size = max(16, gpb)
+        rows = size if interpreter_enabled() else max(size, 64 // g_tile)
+        kept = [triton.Config({"ROWS": rows, "BLOCK_N": size}, num_warps=4, num_stages=2)]
+    return kept
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "LEN_BUCKET", "IS_FP32"],
+    prune_configs_by={"early_config_prune": _prune},
+    # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
+)
+@triton.jit
+def _antidiagonal_estimate_fwd(
+    Q, K, Scores, Partial, TileMax,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_sb, stride_sh, stride_si,
+    q_heads, kv_heads, q_len, k_len, num_q_groups, num_k_groups, num_q_blocks, num_k_blocks,
+    chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
+    CAUSAL: tl.constexpr, LEN_BUCKET: tl.constexpr, IS_FP32: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = G_TILE * ROWS
+    NB_T: tl.constexpr = BLOCK_N // GPB  # key blocks per key tile
+    ND: tl.constexpr = D_PAD // BLOCK_D
+    group = q_heads // kv_heads
+    tiles_per_chunk = tl.num_programs(0)
+    pid_r = tiles_per_chunk - 1 - tl.program_id(0)  # heaviest (latest) rows first
+    pid_h = tl.program_id(1)  # (batch, kv head, head tile)
+    head_tiles = group // G_TILE
+    b = pid_h // (kv_heads * head_tiles)
+    hk = (pid_h // head_tiles) % kv_heads
+    h0 = hk * group + (pid_h % head_tiles) * G_TILE
+
+    r = tl.arange(0, BLOCK_M)
+    head = h0 + r // ROWS  # query head of each row
+    local_a = pid_r * ROWS + r % ROWS  # row within this chunk
+    a = chunk_a0 + local_a  # query group index
+    row_ok = a < num_q_groups
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_row_base = Q + b * stride_qb + head * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    offset = k_len - q_len
+    # Causal limit per row: key group b is allowed iff b*S <= position of the group's last row.
+    last_pos = offset + tl.minimum(a * STRIDE + STRIDE - 1, q_len - 1)
+    if CAUSAL:
+        a_hi = tl.minimum(chunk_a0 + pid_r * ROWS + ROWS, num_q_groups) - 1
+        hi_pos = offset + tl.minimum(a_hi * STRIDE + STRIDE - 1, q_len - 1)
+        n_tiles = (hi_pos // STRIDE) // BLOCK_N + 1
+    else:
+        n_tiles = tl.cdiv(num_k_groups, BLOCK_N)
+
+    scratch_row = (b * q_heads + head) * chunk_rows + local_a  # [BLOCK_M]
+    p_ptrs = Partial + scratch_row[:, None] * partial_row_len
+    t_ptrs = TileMax + scratch_row * tile_max_row_len
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for kt in range(0, n_tiles):
+        kg = kt * BLOCK_N + offs_n  # key group index
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for e in range(0, STRIDE * ND):
+            t = e // ND
+            d = (e % ND) * BLOCK_D + offs_d
+            q_rows = a * STRIDE + (STRIDE - 1 - t)
+            qv = tl.load(q_row_base[:, None] + q_rows[:, None] * stride_qm + d[None, :],
+                         mask=(q_rows < q_len)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+            k_rows = kg * STRIDE + t
+            kv = tl.load(k_base + k_rows[None, :] * stride_kn + d[:, None],
+                         mask=(k_rows < k_len)[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
+            if IS_FP32:  # tf32 would cost ~1e-3 relative error on the logits
+                acc = tl.dot(qv, kv, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(qv, kv, acc)
+        allowed = (kg < num_k_groups)[None, :]
+        if CAUSAL:
+            allowed = allowed & ((kg * STRIDE)[None, :] <= last_pos[:, None])
+        s = tl.where(allowed, acc * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key group 0 is always allowed
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
+        m_i = m_new
+        block_sums = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, GPB)), 2)
+        tl.store(p_ptrs + kt * NB_T + tl.arange(0, NB_T)[None, :], block_sums)
+        tl.store(t_ptrs + kt, m_new)
+
+    # Read the partials back (written by other threads of this program: barrier first).
+    tl.debug_barrier()
+    inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
+    QB_T: tl.constexpr = BLOCK_M // GPB
+    qb_row = tl.arange(0, QB_T)
+    qb = (chunk_a0 + pid_r * ROWS + (qb_row * GPB) % ROWS) // GPB  # query block of each output row
+    qb_head = h0 + (qb_row * GPB) // ROWS
+    groups_in_block = tl.minimum(num_q_groups - qb * GPB, GPB).to(tl.float32)
+    out_ptrs = Scores + b * stride_sb + qb_head[:, None] * stride_sh + qb[:, None] * stride_si
+    out_ok = (qb < num_q_blocks)[:, None]
+    num_k_tiles = tl.cdiv(num_k_blocks, NB_T)
+    for kt in range(0, num_k_tiles):
+        kb = kt * NB_T + tl.arange(0, NB_T)
+        if kt < n_tiles:
+            part = tl.load(p_ptrs + kb[None, :])
+            w = tl.math.exp2(tl.load(t_ptrs + kt) - m_i) * inv_l
+            contrib = tl.reshape(part * w[:, None], (QB_T, GPB, NB_T))
+            score = tl.sum(contrib, 1) / groups_in_block[:, None]
+        else:
+            score = tl.zeros([QB_T, NB_T], dtype=tl.float32)
+        tl.store(out_ptrs + kb[None, :], score, mask=out_ok & (kb < num_k_blocks)[None, :])
+
+
+def _head_tile(group: int) -> int:
+    """Query heads per program: the largest power of two dividing the GQA group, at most 8."""
+    tile = 1
+    while tile < 8 and group % (tile * 2) == 0:
+        tile *= 2
+    return tile
+
+
+def estimate_block_scores_triton(
+    q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool, scale: float
+) -> torch.Tensor:
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    gpb = block_size // stride
+    g_tile = _head_tile(hq // hkv)
+    nqg, nkg = num_blocks(lq, stride), num_blocks(lk, stride)
+    nqb, nkb = num_blocks(lq, block_size), num_blocks(lk, block_size)
+    d_pad = max(16, triton.next_power_of_2(d))
+    block_d = min(d_pad, 128)
+    scores = torch.empty(b, hq, nqb, nkb, dtype=torch.float32, device=q.device)
+
+    # Scratch rows hold every key block plus one key tile of padding (the last tile may run past
+    # the keys), and one running max per key tile (tiles are at least 16 key groups wide).
+    partial_row_len = nkb + max(128 // gpb, 1)
+    tile_max_row_len = triton.cdiv(nkg, 16)
+    row_bytes = b * hq * (partial_row_len + tile_max_row_len) * 4
+    # Chunks hold whole query blocks and whole row tiles of any config (128 rows).
+    unit = max(128, gpb)
+    chunk_rows = max(unit, (_SCRATCH_BYTES // max(row_bytes, 1)) // unit * unit)
+    chunk_rows = min(chunk_rows, triton.cdiv(nqg, unit) * unit)
+    partial = torch.empty(b * hq * chunk_rows * partial_row_len, dtype=torch.float32,
+                          device=q.device)
+    tile_max = torch.empty(b * hq * chunk_rows * tile_max_row_len, dtype=torch.float32,
+                           device=q.device)
+    len_bucket = int(math.log2(max(lk, 1024)))
+
+    for a0 in range(0, nqg, chunk_rows):
+        rows_here = min(chunk_rows, nqg - a0)
+
+        def grid(meta, rows_here=rows_here):
+            return (triton.cdiv(rows_here, meta["ROWS"]), b * hkv * ((hq // hkv) // g_tile))
+
+        _antidiagonal_estimate_fwd[grid](
+            q, k, scores, partial, tile_max,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            hq, hkv, lq, lk, nqg, nkg, nqb, nkb,
+            a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
+            HEAD_DIM=d, D_PAD=d_pad, BLOCK_D=block_d, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
+            CAUSAL=bool(causal), LEN_BUCKET=len_bucket, IS_FP32=q.dtype == torch.float32,
+        )
+    return scores

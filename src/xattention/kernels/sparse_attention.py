@@ -1,0 +1,233 @@
+"""Block-sparse FlashAttention forward in Triton, and its launcher.
+
+One program computes ``BLOCK_M`` query rows of one (batch, query head) and visits only the key
+blocks its query block keeps, from a compact ascending index list built once from the block mask.
+The list is split in two phases: blocks wholly visible to every row of the query block (no element
+masks at all) and the rest (diagonal band, ragged key tail) with element masks, so the hot loop
+carries no masking arithmetic. Online softmax runs in base 2 with the scale folded into one
+multiply.
+
+Programs are launched heaviest-first (last query blocks hold the most keys under a causal mask)
+so the tail of the grid is short work rather than one straggler.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreter_enabled
+from ..block_layout import num_blocks
+
+_LOG2E = 1.4426950408889634
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+def _configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = []
+    for bm in (64, 128):
+        for bn in (64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    configs.append(
+                        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                      num_stages=stages)
+                    )
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    block_size = kwargs["BLOCK_SIZE"]
+    head_dim = kwargs["HEAD_DIM"]
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if block_size % bm or block_size % bn:
+            continue
+        # Large head dims need the smaller tiles to stay in registers.
+        if head_dim >= 256 and (bm > 64 or bn > 64) and not interpreter_enabled():
+            continue
+        kept.append(c)
+    if not kept:  # block_size below every tile: the smallest tile that divides it.
+        tile = math.gcd(block_size, 64)
+        kept = [triton.Config({"BLOCK_M": tile, "BLOCK_N": tile}, num_warps=4, num_stages=2)]
+    return kept
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "LEN_BUCKET", "IS_FP32"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _block_sparse_attention_fwd(
+    Q, K, V, Out, Lse, KvIndex, KvCount, KvFull,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_ib, stride_ih, stride_im,
+    num_heads, group_size, q_len, k_len, num_q_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr, LEN_BUCKET: tl.constexpr, IS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest rows first
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group_size
+    m0 = pid_m * BLOCK_M
+    q_block = m0 // BLOCK_SIZE
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    row_pos = offs_m + (k_len - q_len)  # absolute position of each query row
+
+    row = (b * num_heads + h) * num_q_blocks + q_block  # count/full are [B, H, nQB] contiguous
+    count = tl.load(KvCount + row)
+    n_full = tl.load(KvFull + row)
+    idx_base = KvIndex + b * stride_ib + h * stride_ih + q_block * stride_im
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+
+    # Phase 1: key tiles every row of this query block sees in full.
+    for u in range(0, n_full * SUB):
+        j = tl.load(idx_base + u // SUB)
+        n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
+        cols = n0 + offs_n
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None],
+                    other=0.0)
+        if IS_FP32:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        qk = qk * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :],
+                    other=0.0)
+        if IS_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Phase 2: diagonal band and ragged tail, with element masks.
+    for u in range(n_full * SUB, count * SUB):
+        j = tl.load(idx_base + u // SUB)
+        n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
+        cols = n0 + offs_n
+        col_ok = cols < k_len
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
+                    mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if IS_FP32:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= row_pos[:, None])
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen nothing yet keeps m = -inf; shift by 0 instead to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
+                    mask=d_ok[None, :] & col_ok[:, None], other=0.0)
+        if IS_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_ok[None, :])
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(Lse + (b * num_heads + h) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+def build_block_index(
+    mask: torch.Tensor, q_len: int, k_len: int, block_size: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact per-row lists of kept key blocks, ascending, for the kernel.
+
+    Returns ``(index int32 [B,H,nQB,nKB], count int32 [B,H,nQB], full int32 [B,H,nQB])``: the first
+    ``count`` entries of each index row are the kept key blocks in ascending order, and the first
+    ``full`` of those need no element mask (every key is visible to every row of the query block).
+    Because the list is ascending and "needs no mask" holds for all blocks below a bound, the
+    unmasked blocks are a prefix.
+    """
+    nqb, nkb = mask.shape[-2], mask.shape[-1]
+    keys = (~mask).to(torch.int8)
+    index = torch.sort(keys, dim=-1, stable=True).indices.to(torch.int32)
+    count = mask.sum(-1, dtype=torch.int32)
+    # Key block j is free of element masks for query block i when it lies wholly inside the
+    # keys (no ragged tail) and, if causal, wholly at or before the block's first row position.
+    j_end = (torch.arange(nkb, device=mask.device) + 1) * block_size  # one past the last key
+    safe = (j_end <= k_len)[None, :].expand(nqb, nkb)
+    if causal:
+        first_pos = torch.arange(nqb, device=mask.device) * block_size + (k_len - q_len)
+        safe = safe & (j_end[None, :] - 1 <= first_pos[:, None])
+    full = (mask & safe).sum(-1, dtype=torch.int32)
+    return index.contiguous(), count.contiguous(), full.contiguous()
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    block_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel; ``mask`` is ``[B, Hq, nQB, nKB]`` (expanded views are fine)."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if block_index is None:
+        block_index = build_block_index(mask, lq, lk, block_size, bool(causal))
+    index, count, full = block_index
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    d_pad = max(16, triton.next_power_of_2(d))
+    len_bucket = int(math.log2(max(lk, 1024)))
+
+    def grid(meta):
+        return (b * hq, triton.cdiv(lq, meta["BLOCK_M"]))
+
+    _block_sparse_attention_fwd[grid](
+        q, k, v, out, lse, index, count, full,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        index.stride(0), index.stride(1), index.stride(2),
+        hq, hq // hkv, lq, lk, num_blocks(lq, block_size), scale * _LOG2E,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, CAUSAL=bool(causal),
+        LEN_BUCKET=len_bucket, IS_FP32=q.dtype == torch.float32,
+    )
+    return out, lse
