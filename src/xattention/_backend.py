@@ -26,6 +26,14 @@ def triton_import_error() -> str | None:
     return None
 
 
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised kernel output; NaN-filled when ``XATTENTION_POISON_OUTPUTS=1`` (tests), so that
+    an element a kernel forgot to write cannot pass as a plausible value."""
+    if os.environ.get("XATTENTION_POISON_OUTPUTS", "0") not in ("", "0"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

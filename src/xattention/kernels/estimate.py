@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled
+from .._backend import interpreter_enabled, new_output
 from ..block_layout import num_blocks
 
 _LOG2E = 1.4426950408889634
@@ -194,7 +194,7 @@ def estimate_block_scores_triton(
     nqb, nkb = num_blocks(lq, block_size), num_blocks(lk, block_size)
     d_pad = max(16, triton.next_power_of_2(d))
     block_d = min(d_pad, 128)
-    scores = torch.empty(b, hq, nqb, nkb, dtype=torch.float32, device=q.device)
+    scores = new_output((b, hq, nqb, nkb), torch.float32, q.device)
 
     # Scratch rows hold every key block plus one key tile of padding (the last tile may run past
     # the keys), and one running max per key tile (tiles are at least 16 key groups wide).

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled
+from .._backend import interpreter_enabled, new_output
 from ..block_layout import num_blocks
 
 _LOG2E = 1.4426950408889634
@@ -211,8 +211,8 @@ def block_sparse_attention_triton(
     if block_index is None:
         block_index = build_block_index(mask, lq, lk, block_size, bool(causal))
     index, count, full = block_index
-    out = torch.empty_like(q)
-    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((b, hq, lq), torch.float32, q.device)
     d_pad = max(16, triton.next_power_of_2(d))
     len_bucket = int(math.log2(max(lk, 1024)))
 

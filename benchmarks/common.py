@@ -1,0 +1,174 @@
+"""Shared pieces of the GPU benchmarks: inputs, timing, FLOP counts, baselines, result files.
+
+Every benchmark times with ``triton.testing.do_bench`` (CUDA events, median of many runs, L2
+flushed between runs), runs its baselines in the same process on the same card, and writes
+``results/<name>.json`` plus ``results/<name>.md`` with the GPU named.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(os.environ.get("XATTENTION_BENCH_OUT", Path(__file__).parent / "results"))
+
+
+def bench_ms(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA device."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def gpu_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    return {
+        "gpu": props.name,
+        "sm_count": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def qkv(b, hq, hkv, lq, lk, d, dtype=torch.bfloat16, seed=0, structured=True):
+    """Inputs with LLM-like structure: a sink, local windows, a few heavy keys, noise."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, device="cuda", generator=g)
+    k = torch.randn(b, hkv, lk, d, device="cuda", generator=g)
+    v = torch.randn(b, hkv, lk, d, device="cuda", generator=g)
+    if structured:
+        # Local windows: queries and keys share a slowly rotating positional direction.
+        pos_k = torch.arange(lk, device="cuda", dtype=torch.float32)
+        freqs = 1.0 / (64.0 ** (torch.arange(d // 2, device="cuda") / (d // 2)))
+        ang_k = pos_k[:, None] * freqs[None, :] / 16
+        rot_k = torch.cat([ang_k.cos(), ang_k.sin()], -1)
+        rot_q = rot_k[lk - lq:]
+        q = q + 2.0 * rot_q
+        k = k + 2.0 * rot_k
+        # Sink and a few heavy "vertical" keys every query attends to.
+        heavy = torch.randint(0, lk, (8,), device="cuda", generator=g)
+        heavy = torch.cat([torch.zeros(1, dtype=torch.long, device="cuda"), heavy])
+        direction = torch.randn(d, device="cuda", generator=g)
+        direction = direction / direction.norm()
+        k[:, :, heavy] += 6.0 * direction
+        q = q + 1.5 * direction
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def visible_pairs(mask: torch.Tensor, lq: int, lk: int, block_size: int, causal: bool) -> int:
+    """Token pairs the kept blocks contain (causal pairs only when causal): the FLOP basis."""
+    nqb, nkb = mask.shape[-2:]
+    rows = torch.arange(lq, device=mask.device)
+    row_block = rows // block_size
+    pos = rows + (lk - lq)
+    key_start = torch.arange(nkb, device=mask.device) * block_size
+    key_end = torch.clamp(key_start + block_size, max=lk)
+    if causal:
+        reach = torch.minimum(pos[:, None] + 1, key_end[None, :])
+        per_row = torch.clamp(reach - key_start[None, :], min=0)
+    else:
+        per_row = (key_end - key_start)[None, :].expand(lq, nkb)
+    pairs = torch.zeros(nqb, nkb, dtype=torch.float64, device=mask.device)
+    pairs.index_add_(0, row_block, per_row.to(torch.float64))
+    return int((mask.to(torch.float64) * pairs).sum().item())
+
+
+def attention_tflops(pairs: int, head_dim: int, ms: float) -> float:
+    return 4.0 * pairs * head_dim / (ms * 1e-3) / 1e12
+
+
+def random_block_mask(b, h, lq, lk, block_size, density, causal=True, seed=0):
+    """Random kept blocks at ``density`` of the candidates, plus the forced sink/diagonal."""
+    from xattention.block_layout import candidate_blocks, forced_blocks
+
+    cand = candidate_blocks(lq, lk, block_size, causal, "cuda")
+    forced = forced_blocks(lq, lk, block_size, causal, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nqb, nkb = cand.shape
+    rnd = torch.rand(b, h, nqb, nkb, device="cuda", generator=g)
+    # Pick a per-row probability so that the expected kept count hits density * candidates.
+    n_cand = cand.sum(-1).clamp(min=1)
+    n_forced = forced.sum(-1)
+    want = (density * n_cand - n_forced).clamp(min=0)
+    p = (want / (n_cand - n_forced).clamp(min=1)).clamp(max=1)
+    mask = (rnd < p[None, None, :, None]) & cand
+    return mask | forced
+
+
+def flex_block_mask(mask: torch.Tensor, lq: int, lk: int, block_size: int, causal: bool):
+    """The same block pattern as a FlexAttention BlockMask (full blocks skip the mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from xattention.kernels.sparse_attention import build_block_index
+
+    index, count, full = build_block_index(mask, lq, lk, block_size, causal)
+    nkb = mask.shape[-1]
+    pos = torch.arange(nkb, device=mask.device)
+    is_full = pos[None, None, None, :] < full[..., None]
+    is_partial = (pos[None, None, None, :] < count[..., None]) & ~is_full
+    # Full blocks are the first `full` entries; partial ones follow. Shift partial to the front.
+    partial_idx = torch.where(is_partial, index, torch.full_like(index, nkb))
+    partial_idx = torch.sort(partial_idx, dim=-1).values.clamp(max=nkb - 1).to(torch.int32)
+    full_idx = torch.where(is_full, index, torch.full_like(index, nkb))
+    full_idx = torch.sort(full_idx, dim=-1).values.clamp(max=nkb - 1).to(torch.int32)
+    offset = lk - lq
+
+    def causal_mod(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    def all_mod(b, h, q_idx, kv_idx):
+        return kv_idx < lk
+
+    return BlockMask.from_kv_blocks(
+        (count - full).to(torch.int32).contiguous(), partial_idx.contiguous(),
+        full.to(torch.int32).contiguous(), full_idx.contiguous(),
+        BLOCK_SIZE=block_size, mask_mod=causal_mod if causal else all_mod, seq_lengths=(lq, lk),
+    )
+
+
+def write_results(name: str, meta: dict, rows: list[dict], columns: list[str], title: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"# {title}", "", f"GPU: {meta.get('gpu')}; torch {meta.get('torch')}, triton "
+             f"{meta.get('triton')}; {meta.get('date')}", ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for r in rows:
+        cells = []
+        for c in columns:
+            x = r.get(c, "")
+            cells.append(f"{x:.3g}" if isinstance(x, float) and not math.isnan(x) else str(x))
+        lines.append("| " + " | ".join(cells) + " |")
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def _fmt(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def parse_lengths(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+    return out
