@@ -63,15 +63,15 @@ def head_profiles(n_heads: int, seq_len: int, gen: torch.Generator) -> list[Head
     for h in range(n_heads):
         kind = ("mixed", "local", "vertical", "slash")[h % 4]
         if kind == "mixed":
-            p = HeadProfile(kind, jitter(4.0), jitter(48), jitter(8.0), jitter(4.5), jitter(3.0))
+            p = HeadProfile(kind, jitter(6.4), jitter(48), jitter(10.4), jitter(3.6), jitter(4.5))
         elif kind == "local":
-            p = HeadProfile(kind, jitter(6.0), jitter(24), jitter(8.5), jitter(1.5), jitter(1.0))
+            p = HeadProfile(kind, jitter(9.6), jitter(24), jitter(11.0), jitter(1.2), jitter(1.5))
         elif kind == "vertical":
-            p = HeadProfile(kind, jitter(3.5), jitter(96), jitter(7.0), jitter(6.5), jitter(2.0))
+            p = HeadProfile(kind, jitter(5.6), jitter(96), jitter(9.1), jitter(5.2), jitter(3.0))
         else:
             offset = int(seq_len * (0.1 + 0.2 * torch.rand((), generator=gen).item()))
-            p = HeadProfile(kind, jitter(4.0), jitter(32), jitter(7.5), jitter(2.5), jitter(1.5),
-                            slash=jitter(5.0), slash_offset=max(1, offset))
+            p = HeadProfile(kind, jitter(6.4), jitter(32), jitter(9.75), jitter(2.0), jitter(2.25),
+                            slash=jitter(7.0), slash_offset=max(1, offset))
         profiles.append(p)
     return profiles
 
@@ -91,6 +91,7 @@ def make_structured_qkv(
     head_dim: int = 64,
     seed: int = 0,
     batch: int = 1,
+    noise: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[HeadProfile]]:
     """Seeded float32 CPU tensors ``q [B, heads, L, D]``, ``k, v [B, kv_heads, L, D]`` + profiles.
 
@@ -103,7 +104,7 @@ def make_structured_qkv(
     * verticals: ~0.3% of the keys get ``vertical`` (scaled per key) from most queries;
     * topics: the text is cut into segments of 64-512 tokens, each on one of a few topics; a query
       gets ``topic`` towards every key of its own topic (retrieval from far back);
-    * noise: unit-variance logit noise, from dimensions of their own.
+    * noise: logit noise of standard deviation ``noise``, from dimensions of their own.
 
     Every feature lives in its own coordinates; a random rotation per KV head then mixes them, so
     the tensors look unstructured while every dot product stays exact.
@@ -159,7 +160,7 @@ def make_structured_qkv(
         k[:, g, :, d_sink] = sink_w
         k[:, g, :, d_vert] = vert_w
         k[:, g, :, t_sl] = topic_onehot
-        k[:, g, :, n_sl] = randn(batch, seq_len, n_noise) / n_noise**0.25
+        k[:, g, :, n_sl] = randn(batch, seq_len, n_noise) * noise**0.5 / n_noise**0.25
         for h in range(g * group, (g + 1) * group):
             p = profiles[h]
             # Spectral weights of a Laplacian kernel exp(-|d|/w), for log-spaced samples.
@@ -177,7 +178,7 @@ def make_structured_qkv(
                 batch, seq_len))
             q[:, h, :, d_vert] = p.vertical * (0.5 + rand(batch, seq_len)) / 0.8
             q[:, h, :, t_sl] = p.topic * topic_onehot
-            q[:, h, :, n_sl] = randn(batch, seq_len, n_noise) / n_noise**0.25
+            q[:, h, :, n_sl] = randn(batch, seq_len, n_noise) * noise**0.5 / n_noise**0.25
         # Mix the coordinates: the same rotation for the KV head and its query heads.
         rot, _ = torch.linalg.qr(randn(head_dim, head_dim))
         k[:, g] = k[:, g] @ rot
