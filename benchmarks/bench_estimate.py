@@ -81,7 +81,10 @@ def bench_length(length: int, args) -> list[dict]:
         ms = bench_ms(fused)
         # Useful work: the causal half of the strided product, 2 * (L/S)^2/2 * S*D per head.
         flops = h * (length / stride) ** 2 * stride * d
+        from xattention.kernels.estimate import _antidiagonal_estimate_fwd as kernel
+
         row = {"L": length, "S": stride, "fused_ms": ms, "fused_tflops": flops / ms / 1e9,
+               "config": str(kernel.best_config),
                "original_ms(DESIGN)": ORIGINAL_MS.get(length, {}).get(stride, float("nan"))}
         row["vs_original"] = row["original_ms(DESIGN)"] / ms
         if hkv == h:

@@ -99,7 +99,10 @@ def bench_length(length: int, args, flex) -> list[dict]:
         out = ours()[0]
         ms = bench_ms(ours)
         ms_with_index = bench_ms(lambda: block_sparse_attention(q, k, v, mask, bs, True))
+        from xattention.kernels.sparse_attention import _block_sparse_attention_fwd as kernel
+
         row = {"L": length, "method": "xattention_sparse", "density": real_density, "ms": ms,
+               "config": str(kernel.best_config),
                "tflops": attention_tflops(pairs, d, ms), "ms_incl_index": ms_with_index,
                "vs_cudnn": cudnn_ms / ms}
         if density >= 1.0:

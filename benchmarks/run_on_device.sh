@@ -8,7 +8,7 @@ lengths=${2:-8k,32k,128k}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 # The device image cannot build packages offline: import from the source tree.
-export PYTHONUNBUFFERED=1 XATTENTION_BENCH_OUT="$out" PYTHONPATH=$PWD/src
+export PYTHONUNBUFFERED=1 XATTENTION_BENCH_OUT="$out" PYTHONPATH=$PWD/src TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
   python -m pytest -q -x tests/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log" | tail -25

@@ -30,7 +30,8 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised kernel output; NaN-filled when ``XATTENTION_POISON_OUTPUTS=1`` (tests), so that
     an element a kernel forgot to write cannot pass as a plausible value."""
     if os.environ.get("XATTENTION_POISON_OUTPUTS", "0") not in ("", "0"):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        poison = float("nan") if dtype.is_floating_point else -1  # -1: 0xFF, not a valid bool
+        return torch.full(shape, poison, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -58,6 +58,6 @@ def xattention(
     causal = bool(causal)
 
     scores = _estimate(q, k, stride, block_size, causal, scale, backend)
-    mask = _select(scores, threshold, shape.q_len, shape.k_len, block_size, causal)
+    mask = _select(scores, threshold, shape.q_len, shape.k_len, block_size, causal, backend)
     out = _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, False)
     return (out, mask) if return_mask else out

@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_block_size, check_lengths, check_scores, check_threshold
+from ._backend import resolve_backend
+from ._validation import (
+    check_backend,
+    check_block_size,
+    check_lengths,
+    check_scores,
+    check_threshold,
+)
 from .block_layout import candidate_blocks, forced_blocks, num_blocks
 
 # Rows of the score matrix sorted at once; bounds the float64 working copy.
@@ -25,6 +32,7 @@ def select_blocks(
     k_len: int | None = None,
     block_size: int = 128,
     causal: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Choose the key blocks each query block attends to.
 
@@ -35,6 +43,7 @@ def select_blocks(
         q_len, k_len: the query and key lengths the scores were made for (``q_len <= k_len``).
         block_size: the block edge the scores were made with.
         causal: force the sink and diagonal blocks, drop blocks wholly in the future.
+        backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
 
     Returns:
         bool ``[B, Hq, nQB, nKB]``.
@@ -58,11 +67,21 @@ def select_blocks(
                          f"q_len={q_len}, k_len={k_len}, block_size={block_size}, got "
                          f"{list(scores.shape)}")
     threshold = check_threshold(threshold, scores.shape[1])
-    return _select(scores, threshold, q_len, k_len, block_size, bool(causal))
+    backend = check_backend(backend)
+    return _select(scores, threshold, q_len, k_len, block_size, bool(causal), backend)
 
 
-def _select(scores, threshold, q_len, k_len, block_size, causal) -> torch.Tensor:
+def _select(scores, threshold, q_len, k_len, block_size, causal, backend) -> torch.Tensor:
     """Selection on validated input (shared with ``xattention``)."""
+    from .kernels import selection_unsupported_reason
+
+    chosen = resolve_backend(
+        backend, scores.device, selection_unsupported_reason(scores), "block selection"
+    )
+    if chosen == "triton":
+        from .kernels.selection import select_blocks_triton
+
+        return select_blocks_triton(scores, threshold, q_len, k_len, block_size, causal)
     return select_blocks_torch(scores, threshold, q_len, k_len, block_size, causal)
 
 
@@ -106,7 +125,9 @@ def select_blocks_torch(
         # Exclusive prefix sum: the mass accumulated before each block in sorted order.
         mass_before = F.pad(torch.cumsum(ordered, dim=-1)[..., :-1], (1, 0))
         mass_before = mass_before + forced_mass.unsqueeze(-1)
-        keep_sorted = is_optional & (mass_before < (thr * total).unsqueeze(-1))
+        below = mass_before < (thr * total).unsqueeze(-1)
+        # "Kept while": the first block that fails ends the row (matters for negative scores).
+        keep_sorted = is_optional & (below.to(torch.uint8).cummin(-1).values.bool())
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) | force
         keep = torch.where(keep_all, cand, keep)
         mask[:, :, i0:i1] = keep

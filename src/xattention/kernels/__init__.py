@@ -34,3 +34,11 @@ def sparse_attention_unsupported_reason(q: torch.Tensor, block_size: int) -> str
     if block_size % 16:
         return f"block_size {block_size} (the kernel needs a multiple of 16)"
     return None
+
+
+def selection_unsupported_reason(scores: torch.Tensor) -> str | None:
+    if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"scores dtype {scores.dtype} (the kernel takes float32, float16, bfloat16)"
+    if scores.shape[-1] > 8192:
+        return f"{scores.shape[-1]} key blocks (the kernel sorts up to 8192 per row)"
+    return None

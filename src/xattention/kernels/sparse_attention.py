@@ -14,6 +14,7 @@ so the tail of the grid is short work rather than one straggler.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -28,16 +29,17 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 def _configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": True}, num_warps=4,
+                              num_stages=1)]
     configs = []
     for bm in (64, 128):
         for bn in (64, 128):
             for warps in (4, 8):
                 for stages in (2, 3, 4):
-                    configs.append(
-                        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                      num_stages=stages)
-                    )
+                    for tma in (False, True):
+                        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn,
+                                                      "USE_TMA": tma},
+                                                     num_warps=warps, num_stages=stages))
     return configs
 
 
@@ -49,19 +51,22 @@ def _prune(configs, named_args, **kwargs):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if block_size % bm or block_size % bn:
             continue
+        if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
+            continue
         # Large head dims need the smaller tiles to stay in registers.
         if head_dim >= 256 and (bm > 64 or bn > 64) and not interpreter_enabled():
             continue
         kept.append(c)
     if not kept:  # block_size below every tile: the smallest tile that divides it.
         tile = math.gcd(block_size, 64)
-        kept = [triton.Config({"BLOCK_M": tile, "BLOCK_N": tile}, num_warps=4, num_stages=2)]
+        kept = [triton.Config({"BLOCK_M": tile, "BLOCK_N": tile, "USE_TMA": False}, num_warps=4,
+                              num_stages=2)]
     return kept
 
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "LEN_BUCKET", "IS_FP32"],
+    key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "LEN_BUCKET", "IS_FP32", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -72,10 +77,10 @@ def _block_sparse_attention_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_ib, stride_ih, stride_im,
-    num_heads, group_size, q_len, k_len, num_q_blocks, qk_scale,
+    batch, num_heads, group_size, q_len, k_len, num_q_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CAUSAL: tl.constexpr, LEN_BUCKET: tl.constexpr, IS_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, LEN_BUCKET: tl.constexpr, IS_FP32: tl.constexpr, TMA_OK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest rows first
@@ -94,6 +99,17 @@ def _block_sparse_attention_fwd(
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    if USE_TMA:  # Hopper's bulk copy engine; it also zero-fills rows past k_len and head_dim
+        kv_heads = num_heads // group_size
+        k_desc = tl.make_tensor_descriptor(K, shape=[batch, kv_heads, k_len, HEAD_DIM],
+                                           strides=[stride_kb, stride_kh, stride_kn, 1],
+                                           block_shape=[1, 1, BLOCK_N, D_PAD])
+        v_desc = tl.make_tensor_descriptor(V, shape=[batch, kv_heads, k_len, HEAD_DIM],
+                                           strides=[stride_vb, stride_vh, stride_vn, 1],
+                                           block_shape=[1, 1, BLOCK_N, D_PAD])
+    else:
+        k_desc = K
+        v_desc = V
     row_pos = offs_m + (k_len - q_len)  # absolute position of each query row
 
     row = (b * num_heads + h) * num_q_blocks + q_block  # count/full are [B, H, nQB] contiguous
@@ -110,39 +126,25 @@ def _block_sparse_attention_fwd(
     for u in range(0, n_full * SUB):
         j = tl.load(idx_base + u // SUB)
         n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
-        cols = n0 + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None],
-                    other=0.0)
-        if IS_FP32:
-            qk = tl.dot(q, k, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k)
-        qk = qk * qk_scale
+        qk = _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
+                     False, USE_TMA, IS_FP32, BLOCK_N, D_PAD) * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :],
-                    other=0.0)
-        if IS_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d,
+                                                      d_ok, k_len, stride_vn, False, USE_TMA,
+                                                      IS_FP32, BLOCK_N, D_PAD)
         m_i = m_new
 
     # Phase 2: diagonal band and ragged tail, with element masks.
     for u in range(n_full * SUB, count * SUB):
         j = tl.load(idx_base + u // SUB)
         n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
+        qk = _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
+                     True, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
         cols = n0 + offs_n
-        col_ok = cols < k_len
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
-                    mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        if IS_FP32:
-            qk = tl.dot(q, k, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k)
-        visible = col_ok[None, :]
+        visible = (cols < k_len)[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= row_pos[:, None])
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
@@ -152,12 +154,9 @@ def _block_sparse_attention_fwd(
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
-                    mask=d_ok[None, :] & col_ok[:, None], other=0.0)
-        if IS_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d,
+                                                      d_ok, k_len, stride_vn, True, USE_TMA,
+                                                      IS_FP32, BLOCK_N, D_PAD)
         m_i = m_new
 
     seen = l_i > 0
@@ -166,6 +165,42 @@ def _block_sparse_attention_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_ok[None, :])
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(Lse + (b * num_heads + h) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
+            MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, IS_FP32: tl.constexpr,
+            BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """q @ k^T for the key tile starting at n0 (unscaled)."""
+    if USE_TMA:
+        k = tl.trans(tl.reshape(k_desc.load([b, hk, n0, 0]), (BLOCK_N, D_PAD)))
+    else:
+        cols = n0 + offs_n
+        ok = d_ok[:, None]
+        if MASK_COLS:
+            ok = ok & (cols < k_len)[None, :]
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=ok, other=0.0)
+    if IS_FP32:  # tf32 would cost ~1e-3 relative error
+        return tl.dot(q, k, input_precision="ieee")
+    return tl.dot(q, k)
+
+
+@triton.jit
+def _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_vn,
+                     MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, IS_FP32: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """p @ v for the key tile starting at n0."""
+    if USE_TMA:
+        v = tl.reshape(v_desc.load([b, hk, n0, 0]), (BLOCK_N, D_PAD))
+    else:
+        cols = n0 + offs_n
+        ok = d_ok[None, :]
+        if MASK_COLS:
+            ok = ok & (cols < k_len)[:, None]
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=ok, other=0.0)
+    if IS_FP32:
+        return tl.dot(p, v, input_precision="ieee")
+    return tl.dot(p.to(v.dtype), v)
 
 
 def build_block_index(
@@ -192,6 +227,39 @@ def build_block_index(
         safe = safe & (j_end[None, :] - 1 <= first_pos[:, None])
     full = (mask & safe).sum(-1, dtype=torch.int32)
     return index.contiguous(), count.contiguous(), full.contiguous()
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the bulk tensor copy engine can read these: Hopper or newer (or the interpreter),
+    16-byte aligned base and strides."""
+    if os.environ.get("XATTENTION_DISABLE_TMA", "0") not in ("", "0"):
+        return False
+    if interpreter_enabled():
+        ok = True
+    else:
+        ok = torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
+        ok = ok and hasattr(tl, "make_tensor_descriptor")
+    for t in tensors:
+        size = t.element_size()
+        ok = ok and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+    if ok:
+        _ensure_allocator()
+    return ok
+
+
+_allocator_set = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a little global scratch, which Triton asks for."""
+    global _allocator_set
+    if not _allocator_set:
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cpu" if interpreter_enabled()
+                               else "cuda")
+
+        triton.set_allocator(alloc)
+        _allocator_set = True
 
 
 def block_sparse_attention_triton(
@@ -226,8 +294,8 @@ def block_sparse_attention_triton(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         index.stride(0), index.stride(1), index.stride(2),
-        hq, hq // hkv, lq, lk, num_blocks(lq, block_size), scale * _LOG2E,
+        b, hq, hq // hkv, lq, lk, num_blocks(lq, block_size), scale * _LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, CAUSAL=bool(causal),
-        LEN_BUCKET=len_bucket, IS_FP32=q.dtype == torch.float32,
+        LEN_BUCKET=len_bucket, IS_FP32=q.dtype == torch.float32, TMA_OK=_tma_ok(k, v),
     )
     return out, lse
