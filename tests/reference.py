@@ -183,7 +183,7 @@ def ref_select_row(row, thr, cand, forced):
     others = [j for j in range(n) if cand[j] and not forced[j]]
     others.sort(key=lambda j: (-row[j], j))  # descending score, ties: lower j first
     for j in others:
-        if cum < thr * total:
+        if cum <= thr * total:
             keep[j] = True
             cum += row[j]
         else:

@@ -61,7 +61,7 @@ def head_profiles(n_heads: int, seq_len: int, gen: torch.Generator) -> list[Head
 
     profiles = []
     for h in range(n_heads):
-        kind = ("mixed", "local", "vertical", "slash")[h % 4]
+        kind = ("slash", "local", "vertical", "mixed")[h % 4]
         if kind == "mixed":
             p = HeadProfile(kind, jitter(6.4), jitter(48), jitter(10.4), jitter(3.6), jitter(4.5))
         elif kind == "local":
@@ -101,7 +101,7 @@ def make_structured_qkv(
       from random Fourier features (so it also has the faint long-range ripples RoPE models show);
     * a slash line (some heads): the same bump centred at ``p - c = slash_offset``;
     * sinks: the first 4 tokens get ``sink`` from most queries;
-    * verticals: ~0.3% of the keys get ``vertical`` (scaled per key) from most queries;
+    * verticals: runs of 1-6 keys, one per ~512 tokens, get ``vertical`` from most queries;
     * topics: the text is cut into segments of 64-512 tokens, each on one of a few topics; a query
       gets ``topic`` towards every key of its own topic (retrieval from far back);
     * noise: logit noise of standard deviation ``noise``, from dimensions of their own.
@@ -144,10 +144,11 @@ def make_structured_qkv(
     # Sinks and vertical keys (shared too: they are properties of the tokens).
     sink_w = torch.zeros(seq_len, dtype=torch.float64)
     sink_w[:4] = torch.tensor([1.0, 0.6, 0.45, 0.35], dtype=torch.float64)[: min(4, seq_len)]
-    n_vert = max(2, seq_len // 300)
-    vert_pos = 4 + torch.randperm(max(1, seq_len - 4), generator=gen)[:n_vert]
+    # Vertical keys come in short runs (a few tokens, like a key phrase or a separator).
     vert_w = torch.zeros(seq_len, dtype=torch.float64)
-    vert_w[vert_pos[vert_pos < seq_len]] = 0.6 + 0.4 * rand(int((vert_pos < seq_len).sum()))
+    for start in (4 + torch.randperm(max(1, seq_len - 4), generator=gen)[: max(2, seq_len // 512)]):
+        run = int(torch.randint(1, 7, (), generator=gen))
+        vert_w[start : start + run] = 0.6 + 0.4 * rand(()).item()
 
     q = torch.zeros(batch, heads, seq_len, head_dim, dtype=torch.float64)
     k = torch.zeros(batch, kv_heads, seq_len, head_dim, dtype=torch.float64)

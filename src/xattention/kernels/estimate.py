@@ -36,24 +36,26 @@ _SCRATCH_BYTES = 512 << 20
 
 
 def _configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"ROWS": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if interpreter_enabled():  # BLOCK_D 16 walks the head_dim in chunks, as large D does on GPU
+        return [triton.Config({"ROWS": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4,
+                              num_stages=1)]
     configs = []
     for rows in (16, 32, 64, 128):
         for bn in (64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    configs.append(triton.Config({"ROWS": rows, "BLOCK_N": bn}, num_warps=warps,
-                                                 num_stages=stages))
+            for bd in (64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        configs.append(triton.Config({"ROWS": rows, "BLOCK_N": bn, "BLOCK_D": bd},
+                                                     num_warps=warps, num_stages=stages))
     return configs
 
 
 def _prune(configs, named_args, **kwargs):
-    gpb, g_tile = kwargs["GPB"], kwargs["G_TILE"]
+    gpb, g_tile, d_pad = kwargs["GPB"], kwargs["G_TILE"], kwargs["D_PAD"]
     kept = []
     for c in configs:
         rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
-        if rows < gpb or bn < gpb:
+        if rows < gpb or bn < gpb or c.kwargs["BLOCK_D"] > d_pad:
             continue
         if not interpreter_enabled() and not (64 <= rows * g_tile <= 128):
             continue
@@ -61,7 +63,8 @@ def _prune(configs, named_args, **kwargs):
     if not kept:
         size = max(16, gpb)
         rows = size if interpreter_enabled() else max(size, 64 // g_tile)
-        kept = [triton.Config({"ROWS": rows, "BLOCK_N": size}, num_warps=4, num_stages=2)]
+        kept = [triton.Config({"ROWS": rows, "BLOCK_N": size, "BLOCK_D": min(d_pad, 64)},
+                              num_warps=4, num_stages=2)]
     return kept
 
 
@@ -79,10 +82,10 @@ def _antidiagonal_estimate_fwd(
     stride_sb, stride_sh, stride_si,
     q_heads, kv_heads, q_len, k_len, num_q_groups, num_k_groups, num_q_blocks, num_k_blocks,
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
     CAUSAL: tl.constexpr, LEN_BUCKET: tl.constexpr, IS_FP32: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_TILE * ROWS
     NB_T: tl.constexpr = BLOCK_N // GPB  # key blocks per key tile
@@ -193,7 +196,6 @@ def estimate_block_scores_triton(
     nqg, nkg = num_blocks(lq, stride), num_blocks(lk, stride)
     nqb, nkb = num_blocks(lq, block_size), num_blocks(lk, block_size)
     d_pad = max(16, triton.next_power_of_2(d))
-    block_d = min(d_pad, 128)
     scores = new_output((b, hq, nqb, nkb), torch.float32, q.device)
 
     # Scratch rows hold every key block plus one key tile of padding (the last tile may run past
@@ -224,7 +226,7 @@ def estimate_block_scores_triton(
             scores.stride(0), scores.stride(1), scores.stride(2),
             hq, hkv, lq, lk, nqg, nkg, nqb, nkb,
             a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
-            HEAD_DIM=d, D_PAD=d_pad, BLOCK_D=block_d, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
+            HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
             CAUSAL=bool(causal), LEN_BUCKET=len_bucket, IS_FP32=q.dtype == torch.float32,
         )
     return scores
