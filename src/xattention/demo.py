@@ -238,8 +238,9 @@ def true_block_mass(
         pad = (i1 - i0) * block_size - (r1 - r0)
         per_key_block = F.pad(per_key_block, (0, 0, 0, pad))
         summed = per_key_block.unflatten(-2, (i1 - i0, block_size)).sum(-2)
-        counts = torch.clamp(r1 - (torch.arange(i0, i1, device=q.device) * block_size), max=block_size)
-        mass[:, :, i0:i1] = summed / counts[:, None].to(summed.dtype)
+        first_rows = torch.arange(i0, i1, device=q.device) * block_size
+        counts = torch.clamp(r1 - first_rows, max=block_size).to(summed.dtype)
+        mass[:, :, i0:i1] = summed / counts[:, None]
         if progress is not None:
             progress(i1 - i0)
     return mass

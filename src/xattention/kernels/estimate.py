@@ -44,7 +44,7 @@ def _configs() -> list[triton.Config]:
         for bn in (64, 128):
             for bd in (64, 128):
                 for warps in (4, 8):
-                    for stages in (2, 3, 4):
+                    for stages in (2, 3):
                         configs.append(triton.Config({"ROWS": rows, "BLOCK_N": bn, "BLOCK_D": bd},
                                                      num_warps=warps, num_stages=stages))
     return configs
@@ -70,7 +70,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "LEN_BUCKET", "IS_FP32"],
+    key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "IS_FP32"],
     prune_configs_by={"early_config_prune": _prune},
     # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
 )
@@ -80,11 +80,12 @@ def _antidiagonal_estimate_fwd(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_sb, stride_sh, stride_si,
-    q_heads, kv_heads, q_len, k_len, num_q_groups, num_k_groups, num_q_blocks, num_k_blocks,
+    len_bucket, q_heads, kv_heads, q_len, k_len,
+    num_q_groups, num_k_groups, num_q_blocks, num_k_blocks,
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
-    CAUSAL: tl.constexpr, LEN_BUCKET: tl.constexpr, IS_FP32: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_TILE * ROWS
@@ -224,9 +225,9 @@ def estimate_block_scores_triton(
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             scores.stride(0), scores.stride(1), scores.stride(2),
-            hq, hkv, lq, lk, nqg, nkg, nqb, nkb,
+            len_bucket, hq, hkv, lq, lk, nqg, nkg, nqb, nkb,
             a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
             HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
-            CAUSAL=bool(causal), LEN_BUCKET=len_bucket, IS_FP32=q.dtype == torch.float32,
+            CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32,
         )
     return scores

@@ -35,7 +35,7 @@ def _configs() -> list[triton.Config]:
     for bm in (64, 128):
         for bn in (64, 128):
             for warps in (4, 8):
-                for stages in (2, 3, 4):
+                for stages in (2, 3):
                     for tma in (False, True):
                         configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn,
                                                       "USE_TMA": tma},
@@ -66,7 +66,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "LEN_BUCKET", "IS_FP32", "TMA_OK"],
+    key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "len_bucket", "IS_FP32", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -77,9 +77,9 @@ def _block_sparse_attention_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_ib, stride_ih, stride_im,
-    batch, num_heads, group_size, q_len, k_len, num_q_blocks, qk_scale,
+    len_bucket, batch, num_heads, group_size, q_len, k_len, num_q_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CAUSAL: tl.constexpr, LEN_BUCKET: tl.constexpr, IS_FP32: tl.constexpr, TMA_OK: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, TMA_OK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -294,8 +294,8 @@ def block_sparse_attention_triton(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         index.stride(0), index.stride(1), index.stride(2),
-        b, hq, hq // hkv, lq, lk, num_blocks(lq, block_size), scale * _LOG2E,
+        len_bucket, b, hq, hq // hkv, lq, lk, num_blocks(lq, block_size), scale * _LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, CAUSAL=bool(causal),
-        LEN_BUCKET=len_bucket, IS_FP32=q.dtype == torch.float32, TMA_OK=_tma_ok(k, v),
+        IS_FP32=q.dtype == torch.float32, TMA_OK=_tma_ok(k, v),
     )
     return out, lse
