@@ -11,7 +11,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XATTENTION_BENCH_OUT="$out" PYTHONPATH=$PWD/src TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
-  python -m pytest -q -x tests/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+  XATTENTION_AUTOTUNE=quick python -m pytest -q -x tests/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 fi
 if [[ $what == bench || $what == all ]]; then
   cd benchmarks

@@ -35,6 +35,12 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def quick_tuning() -> bool:
+    """``XATTENTION_AUTOTUNE=quick`` narrows the kernels' autotuning to a couple of configs: a fast
+    first call (tests, short jobs) at some cost in speed. Read when the kernels are imported."""
+    return os.environ.get("XATTENTION_AUTOTUNE", "full") == "quick"
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

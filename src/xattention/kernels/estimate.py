@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled, new_output
+from .._backend import interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
 
 _LOG2E = 1.4426950408889634
@@ -39,6 +39,9 @@ def _configs() -> list[triton.Config]:
     if interpreter_enabled():  # BLOCK_D 16 walks the head_dim in chunks, as large D does on GPU
         return [triton.Config({"ROWS": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4,
                               num_stages=1)]
+    if quick_tuning():
+        return [triton.Config({"ROWS": rows, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4,
+                              num_stages=2) for rows in (16, 32, 64, 128)]
     configs = []
     for rows in (16, 32, 64, 128):
         for bn in (64, 128):

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled, new_output
+from .._backend import interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
 
 _LOG2E = 1.4426950408889634
@@ -31,6 +31,9 @@ def _configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": True}, num_warps=4,
                               num_stages=1)]
+    if quick_tuning():
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": tma}, num_warps=8,
+                              num_stages=2) for tma in (False, True)]
     configs = []
     for bm in (64, 128):
         for bn in (64, 128):
