@@ -44,7 +44,7 @@ def _configs() -> list[triton.Config]:
                               num_stages=2) for rows in (16, 32, 64, 128)]
     configs = []
     for rows in (16, 32, 64, 128):
-        for bn in (64, 128):
+        for bn in (64, 128, 256):
             for bd in (64, 128):
                 for warps in (4, 8):
                     for stages in (2, 3):
@@ -61,6 +61,9 @@ def _prune(configs, named_args, **kwargs):
         if rows < gpb or bn < gpb or c.kwargs["BLOCK_D"] > d_pad:
             continue
         if not interpreter_enabled() and not (64 <= rows * g_tile <= 128):
+            continue
+        # A 256-wide key tile only pays with 8 warps holding the accumulator.
+        if bn == 256 and (c.num_warps != 8 or c.kwargs["BLOCK_D"] != 64):
             continue
         kept.append(c)
     if not kept:

@@ -85,8 +85,10 @@ def _block_sparse_attention_fwd(
     CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, TMA_OK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest rows first
+    # Query tiles vary fastest so that the programs in flight share one head's K/V in L2; within
+    # a head the heaviest (latest) rows go first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group_size
@@ -130,9 +132,9 @@ def _block_sparse_attention_fwd(
         j = tl.load(idx_base + u // SUB)
         n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
         qk = _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
-                     False, USE_TMA, IS_FP32, BLOCK_N, D_PAD) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+                     False, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d,
@@ -206,7 +208,60 @@ def _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, 
     return tl.dot(p.to(v.dtype), v)
 
 
+@triton.jit
+def _compact_block_index_kernel(
+    Mask, Index, Count, Full,
+    stride_mb, stride_mh, stride_mi,
+    num_heads, num_q_blocks, num_k_blocks, q_len, k_len,
+    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, NKB_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one (batch, head, query block) row
+    i = pid % num_q_blocks
+    h = (pid // num_q_blocks) % num_heads
+    b = pid // (num_q_blocks * num_heads)
+    j = tl.arange(0, NKB_PAD)
+    in_row = j < num_k_blocks
+    keep = tl.load(Mask + b * stride_mb + h * stride_mh + i * stride_mi + j, mask=in_row,
+                   other=0) != 0
+    keep_i = keep.to(tl.int32)
+    slot = tl.cumsum(keep_i, 0) - keep_i  # ascending position among the kept blocks
+    tl.store(Index + pid * num_k_blocks + slot, j, mask=keep)
+    safe = (j + 1) * BLOCK_SIZE <= k_len
+    if CAUSAL:
+        safe = safe & ((j + 1) * BLOCK_SIZE - 1 <= k_len - q_len + i * BLOCK_SIZE)
+    tl.store(Count + pid, tl.sum(keep_i, 0))
+    tl.store(Full + pid, tl.sum((keep & safe).to(tl.int32), 0))
+
+
 def build_block_index(
+    mask: torch.Tensor, q_len: int, k_len: int, block_size: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact per-row lists of kept key blocks, ascending, for the kernel (one Triton program
+    per row; ``build_block_index_torch`` is the same in PyTorch).
+
+    Returns ``(index int32 [B,H,nQB,nKB], count int32 [B,H,nQB], full int32 [B,H,nQB])``: the first
+    ``count`` entries of each index row are the kept key blocks in ascending order, and the first
+    ``full`` of those need no element mask. Entries past ``count`` are never read.
+    """
+    b, h, nqb, nkb = mask.shape
+    index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=mask.device)
+    count = torch.empty(b, h, nqb, dtype=torch.int32, device=mask.device)
+    full = torch.empty(b, h, nqb, dtype=torch.int32, device=mask.device)
+    as_bytes = mask.view(torch.int8) if mask.dtype == torch.bool else mask
+    if as_bytes.stride(-1) != 1:
+        as_bytes = as_bytes.contiguous()
+    nkb_pad = max(16, triton.next_power_of_2(nkb))
+    _compact_block_index_kernel[(b * h * nqb,)](
+        as_bytes, index, count, full,
+        as_bytes.stride(0), as_bytes.stride(1), as_bytes.stride(2),
+        h, nqb, nkb, q_len, k_len,
+        BLOCK_SIZE=block_size, CAUSAL=bool(causal), NKB_PAD=nkb_pad,
+        num_warps=4 if nkb_pad <= 2048 else 8,
+    )
+    return index, count, full
+
+
+def build_block_index_torch(
     mask: torch.Tensor, q_len: int, k_len: int, block_size: int, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact per-row lists of kept key blocks, ascending, for the kernel.
@@ -288,7 +343,7 @@ def block_sparse_attention_triton(
     len_bucket = int(math.log2(max(lk, 1024)))
 
     def grid(meta):
-        return (b * hq, triton.cdiv(lq, meta["BLOCK_M"]))
+        return (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
 
     _block_sparse_attention_fwd[grid](
         q, k, v, out, lse, index, count, full,
