@@ -1,7 +1,10 @@
 """Whole ``xattention()`` (estimate + select + sparse attention) vs dense cuDNN / flash SDPA.
 
 Run on a CUDA GPU:  python benchmarks/bench_xattention.py --lengths 8k,32k,128k
-Structured inputs (sink, local windows, heavy keys); density measured from the returned masks.
+Structured synthetic inputs (sink, local windows, heavy keys): rows at fixed thresholds, and rows
+at the threshold that reaches ~10% / ~20% density (found by bisection on the estimate's scores),
+the density range DESIGN.md's targets speak of. With ``--real FILE`` (from capture_real_qkv.py) it
+runs on Q/K/V captured from a real model instead.
 """
 
 from __future__ import annotations
@@ -13,7 +16,82 @@ import torch.nn.functional as F
 from common import bench_ms, gpu_info, parse_lengths, print_table, qkv, write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from xattention import block_density, xattention
+from xattention import block_density, estimate_block_scores, select_blocks, xattention
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def dense_reference(q, k, v):
+    """cuDNN causal attention time (ms) and output; K/V repeated for GQA."""
+    group = q.shape[1] // k.shape[1]
+    kr = k.repeat_interleave(group, 1) if group > 1 else k
+    vr = v.repeat_interleave(group, 1) if group > 1 else v
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ms = bench_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
+        ref = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash_ms = bench_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
+    return ms, flash_ms, ref
+
+
+def time_xattention(q, k, v, ref, thr, stride, bs, cudnn_ms) -> dict:
+    length = q.shape[2]
+    run = lambda: xattention(q, k, v, threshold=thr, stride=stride, block_size=bs,
+                             return_mask=True)
+    out, mask = run()
+    ms = bench_ms(run)
+    return {"ms": ms, "density": block_density(mask, length, length, bs)["overall"],
+            "speedup_vs_cudnn": cudnn_ms / ms, "rel_err": rel_err(out, ref)}
+
+
+def threshold_for_density(scores, target: float, length: int, bs: int) -> float:
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        mask = select_blocks(scores, mid, q_len=length, k_len=length, block_size=bs)
+        if block_density(mask, length, length, bs)["overall"] < target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def bench_length(length: int, args) -> list[dict]:
+    bs, h, hkv, d, s = args.block_size, args.heads, args.kv_heads, args.head_dim, args.stride
+    q, k, v = qkv(1, h, hkv, length, length, d)
+    cudnn_ms, flash_ms, ref = dense_reference(q, k, v)
+    rows = [{"L": length, "method": "sdpa_cudnn", "ms": cudnn_ms},
+            {"L": length, "method": "sdpa_flash", "ms": flash_ms,
+             "speedup_vs_cudnn": cudnn_ms / flash_ms}]
+    for thr in (float(t) for t in args.thresholds.split(",")):
+        rows.append({"L": length, "method": f"xattention t={thr} S={s}"}
+                    | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
+    scores = estimate_block_scores(q, k, s, bs)
+    for target in (float(t) for t in args.target_densities.split(",") if t):
+        thr = threshold_for_density(scores, target, length, bs)
+        rows.append({"L": length, "method": f"xattention t={thr:.4g} S={s} (~{target:.0%})"}
+                    | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
+    return rows
+
+
+def bench_real(path: str, args) -> list[dict]:
+    """Layers of a real model (capture_real_qkv.py): density and speed at fixed thresholds."""
+    data = torch.load(path)
+    rows = []
+    for layer, tensors in data["layers"].items():
+        q, k, v = (t.cuda() for t in tensors)
+        length = q.shape[2]
+        cudnn_ms, _, ref = dense_reference(q, k, v)
+        base = {"model": data["model"], "layer": layer, "L": length}
+        rows.append(base | {"method": "sdpa_cudnn", "ms": cudnn_ms})
+        for thr in (float(t) for t in args.thresholds.split(",")):
+            for stride in (8, 16):
+                rows.append(base | {"method": f"xattention t={thr} S={stride}"}
+                            | time_xattention(q, k, v, ref, thr, stride, args.block_size,
+                                              cudnn_ms))
+    return rows
 
 
 def main() -> None:
@@ -23,50 +101,34 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--thresholds", default="0.9,0.95")
+    ap.add_argument("--target-densities", default="0.1,0.2")
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--real", default="", help="a file written by capture_real_qkv.py")
     ap.add_argument("--name", default="xattention")
     args = ap.parse_args()
-    bs, h, hkv, d, s = args.block_size, args.heads, args.kv_heads, args.head_dim, args.stride
+    if args.real:
+        rows = bench_real(args.real, args)
+        cols = ["model", "layer", "L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
+        meta = gpu_info() | {"block_size": args.block_size, "dtype": "bfloat16", "causal": True,
+                             "inputs": f"captured by capture_real_qkv.py ({args.real})"}
+        write_results(args.name + "_real", meta, rows, cols,
+                      "xattention() on Q/K/V captured from a real model, bf16, causal")
+        print_table(rows, cols)
+        return
     rows = []
     for length in parse_lengths(args.lengths):
         rows += bench_length(length, args)
         torch.cuda.empty_cache()
     cols = ["L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
-    meta = gpu_info() | {"heads": h, "kv_heads": hkv, "head_dim": d, "block_size": bs,
-                         "stride": s, "dtype": "bfloat16", "causal": True,
+    meta = gpu_info() | {"heads": args.heads, "kv_heads": args.kv_heads,
+                         "head_dim": args.head_dim, "block_size": args.block_size,
+                         "stride": args.stride, "dtype": "bfloat16", "causal": True,
                          "inputs": "structured synthetic (benchmarks/common.py:qkv)"}
     write_results(args.name, meta, rows, cols,
-                  f"xattention() end to end, B=1, H={h}/{hkv}, D={d}, bf16, causal")
+                  f"xattention() end to end, B=1, H={args.heads}/{args.kv_heads}, "
+                  f"D={args.head_dim}, bf16, causal")
     print_table(rows, cols)
-
-
-def bench_length(length: int, args) -> list[dict]:
-    bs, h, hkv, d, s = args.block_size, args.heads, args.kv_heads, args.head_dim, args.stride
-    rows: list[dict] = []
-    q, k, v = qkv(1, h, hkv, length, length, d)
-    kr = k.repeat_interleave(h // hkv, 1) if hkv != h else k
-    vr = v.repeat_interleave(h // hkv, 1) if hkv != h else v
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        cudnn_ms = bench_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
-        ref = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        flash_ms = bench_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True))
-    rows.append({"L": length, "method": "sdpa_cudnn", "ms": cudnn_ms})
-    rows.append({"L": length, "method": "sdpa_flash", "ms": flash_ms,
-                 "speedup_vs_cudnn": cudnn_ms / flash_ms})
-    for thr in (float(t) for t in args.thresholds.split(",")):
-        def run(thr=thr):
-            return xattention(q, k, v, threshold=thr, stride=s, block_size=bs,
-                              return_mask=True)
-        out, mask = run()
-        ms = bench_ms(run)
-        dens = block_density(mask, length, length, bs)["overall"]
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        rows.append({"L": length, "method": f"xattention t={thr} S={s}", "ms": ms,
-                     "density": dens, "speedup_vs_cudnn": cudnn_ms / ms, "rel_err": err})
-        del out, mask
-    return rows
 
 
 if __name__ == "__main__":

@@ -43,11 +43,11 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"ROWS": rows, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4,
                               num_stages=2) for rows in (16, 32, 64, 128)]
     configs = []
-    for rows in (16, 32, 64, 128):
+    for rows in (16, 32, 64, 128, 256):
         for bn in (64, 128, 256):
             for bd in (64, 128):
                 for warps in (4, 8):
-                    for stages in (2, 3):
+                    for stages in (2, 3, 4):
                         configs.append(triton.Config({"ROWS": rows, "BLOCK_N": bn, "BLOCK_D": bd},
                                                      num_warps=warps, num_stages=stages))
     return configs
@@ -60,15 +60,20 @@ def _prune(configs, named_args, **kwargs):
         rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
         if rows < gpb or bn < gpb or c.kwargs["BLOCK_D"] > d_pad:
             continue
-        if not interpreter_enabled() and not (64 <= rows * g_tile <= 128):
+        m = rows * g_tile
+        if not interpreter_enabled() and not (128 <= m <= 256):
             continue
-        # A 256-wide key tile only pays with 8 warps holding the accumulator.
-        if bn == 256 and (c.num_warps != 8 or c.kwargs["BLOCK_D"] != 64):
+        # Wide tiles (64 FLOP per byte of L2 traffic at 128x128, 85 at 128x256) pay only with 8
+        # warps holding the accumulator; 4 stages only for them; smaller tiles stay at 2-3.
+        big = m * bn >= 128 * 256
+        if big and (c.num_warps != 8 or m * bn > 128 * 256):
+            continue
+        if not big and (c.num_stages == 4 or m != 128 or bn != 128):
             continue
         kept.append(c)
     if not kept:
         size = max(16, gpb)
-        rows = size if interpreter_enabled() else max(size, 64 // g_tile)
+        rows = size if interpreter_enabled() else max(size, 128 // g_tile)
         kept = [triton.Config({"ROWS": rows, "BLOCK_N": size, "BLOCK_D": min(d_pad, 64)},
                               num_warps=4, num_stages=2)]
     return kept
