@@ -157,7 +157,7 @@ def ref_forced(q_len, k_len, block_size, causal):
     for i in range(n_qb):
         first, last = _block_rows(i, q_len, block_size)
         forced[i, 0] = True
-        for r in range(first, last + 1):
+        for r in range(first, first + 1):
             forced[i, _pos(r, q_len, k_len) // block_size] = True
     return forced
 
@@ -183,7 +183,7 @@ def ref_select_row(row, thr, cand, forced):
     others = [j for j in range(n) if cand[j] and not forced[j]]
     others.sort(key=lambda j: (-row[j], j))  # descending score, ties: lower j first
     for j in others:
-        if cum <= thr * total:
+        if cum < thr * total:
             keep[j] = True
             cum += row[j]
         else:
