@@ -32,7 +32,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": True}, num_warps=4,
                               num_stages=1)]
     if quick_tuning():
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": tma}, num_warps=8,
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": tma}, num_warps=4,
                               num_stages=2) for tma in (False, True)]
     configs = []
     for bm in (64, 128):
