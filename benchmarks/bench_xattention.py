@@ -71,7 +71,9 @@ def bench_length(length: int, args) -> list[dict]:
     scores = estimate_block_scores(q, k, s, bs)
     for target in (float(t) for t in args.target_densities.split(",") if t):
         thr = threshold_for_density(scores, target, length, bs)
-        rows.append({"L": length, "method": f"xattention t={thr:.4g} S={s} (~{target:.0%})"}
+        label = f"1-{1 - thr:.1e}" if thr > 0.999 else f"{thr:.4g}"
+        rows.append({"L": length, "method": f"xattention t={label} S={s} (~{target:.0%})",
+                     "threshold": thr}
                     | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
     return rows
 
