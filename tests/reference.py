@@ -157,7 +157,7 @@ def ref_forced(q_len, k_len, block_size, causal):
     for i in range(n_qb):
         first, last = _block_rows(i, q_len, block_size)
         forced[i, 0] = True
-        for r in range(first, first + 1):
+        for r in range(first, last + 1):
             forced[i, _pos(r, q_len, k_len) // block_size] = True
     return forced
 
@@ -253,17 +253,17 @@ def robust_rows(scores, threshold, q_len, k_len, block_size, causal=True, tol=1e
 
 
 def ref_token_mask(block_mask_2d, q_len, k_len, block_size, causal):
-    """Token-level visibility [Lq, Lk] for one (batch, head) block mask [nQB, nKB]."""
-    vis = torch.zeros(q_len, k_len, dtype=torch.bool)
-    bm = block_mask_2d.tolist()
-    for r in range(q_len):
-        p = _pos(r, q_len, k_len)
-        for c in range(k_len):
-            if not bm[r // block_size][c // block_size]:
-                continue
-            if causal and c > p:
-                continue
-            vis[r, c] = True
+    """Token-level visibility [Lq, Lk] for one (batch, head) block mask [nQB, nKB].
+
+    vis[r, c] = block_mask[r // Bs, c // Bs] and (not causal or c <= p(r)).
+    """
+    r = torch.arange(q_len)
+    c = torch.arange(k_len)
+    bm = block_mask_2d.detach().cpu().to(torch.bool)
+    vis = bm[r // block_size][:, c // block_size]
+    if causal:
+        p = k_len - q_len + r
+        vis = vis & (c[None, :] <= p[:, None])
     return vis
 
 

@@ -172,7 +172,8 @@ def _antidiagonal_estimate_fwd(
     qb_row = tl.arange(0, QB_T)
     qb = (chunk_a0 + pid_r * ROWS + (qb_row * GPB) % ROWS) // GPB  # query block of each output row
     qb_head = h0 + (qb_row * GPB) // ROWS
-    groups_in_block = tl.minimum(num_q_groups - qb * GPB, GPB).to(tl.float32)
+    # Clamped at 1: rows past the last query block are masked at the store, not divided by 0.
+    groups_in_block = tl.maximum(tl.minimum(num_q_groups - qb * GPB, GPB), 1).to(tl.float32)
     out_ptrs = Scores + b * stride_sb + qb_head[:, None] * stride_sh + qb[:, None] * stride_si
     out_ok = (qb < num_q_blocks)[:, None]
     num_k_tiles = tl.cdiv(num_k_blocks, NB_T)
