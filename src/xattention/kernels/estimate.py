@@ -36,9 +36,12 @@ _SCRATCH_BYTES = 512 << 20
 
 
 def _configs() -> list[triton.Config]:
-    if interpreter_enabled():  # BLOCK_D 16 walks the head_dim in chunks, as large D does on GPU
-        return [triton.Config({"ROWS": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4,
-                              num_stages=1)]
+    if interpreter_enabled():
+        # Small tiles keep the interpreter fast; BLOCK_D 16 walks the head_dim in chunks as large
+        # head dims do on the GPU. Two entries, because the autotuner prunes (and so adapts the
+        # tile to the block shape) only when it has more than one config; _prune keeps one.
+        return [triton.Config({"ROWS": r, "BLOCK_N": r, "BLOCK_D": 16}, num_warps=4,
+                              num_stages=1) for r in (16, 32)]
     configs = []
     for rows in (16, 32, 64, 128, 256):
         for bn in (64, 128, 256):
@@ -55,13 +58,18 @@ def _prune(configs, named_args, **kwargs):
     if quick_tuning() and not interpreter_enabled():  # the shape full tuning picked on H200
         return [triton.Config({"ROWS": max(16, gpb, 128 // g_tile), "BLOCK_N": max(128, gpb),
                                "BLOCK_D": min(d_pad, 64)}, num_warps=8, num_stages=3)]
+    if interpreter_enabled():
+        fits = [c for c in configs if c.kwargs["ROWS"] >= gpb and c.kwargs["BLOCK_N"] >= gpb]
+        size = max(16, gpb)
+        return fits[:1] or [triton.Config({"ROWS": size, "BLOCK_N": size, "BLOCK_D": 16},
+                                          num_warps=4, num_stages=1)]
     kept = []
     for c in configs:
         rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
         if rows < gpb or bn < gpb or c.kwargs["BLOCK_D"] > d_pad:
             continue
         m = rows * g_tile
-        if not interpreter_enabled() and not (128 <= m <= 256):
+        if not 128 <= m <= 256:
             continue
         # Wide tiles (64 FLOP per byte of L2 traffic at 128x128, 85 at 128x256) pay only with 8
         # warps holding the accumulator; 4 stages only for them; smaller tiles stay at 2-3.
@@ -73,9 +81,8 @@ def _prune(configs, named_args, **kwargs):
         kept.append(c)
     if not kept:
         size = max(16, gpb)
-        rows = size if interpreter_enabled() else max(size, 128 // g_tile)
-        kept = [triton.Config({"ROWS": rows, "BLOCK_N": size, "BLOCK_D": min(d_pad, 64)},
-                              num_warps=4, num_stages=2)]
+        kept = [triton.Config({"ROWS": max(size, 128 // g_tile), "BLOCK_N": size,
+                               "BLOCK_D": min(d_pad, 64)}, num_warps=4, num_stages=2)]
     return kept
 
 

@@ -29,8 +29,10 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 def _configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": True}, num_warps=4,
-                              num_stages=1)]
+        # One config per TMA setting; _prune keeps the one TMA_OK allows (the autotuner prunes
+        # only when it holds more than one config).
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": tma}, num_warps=4,
+                              num_stages=1) for tma in (True, False)]
     if quick_tuning():
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": tma}, num_warps=4,
                               num_stages=2) for tma in (False, True)]
@@ -57,12 +59,10 @@ def _prune(configs, named_args, **kwargs):
         if block_size % bm or block_size % bn:
             continue
         # Where the copy engine can serve, it won every shape we timed: tune among TMA configs.
-        if c.kwargs["USE_TMA"] != kwargs["TMA_OK"] and not interpreter_enabled():
-            continue
-        if c.kwargs["USE_TMA"] and not kwargs["TMA_OK"]:
+        if c.kwargs["USE_TMA"] != kwargs["TMA_OK"]:
             continue
         # Large head dims need the smaller tiles to stay in registers.
-        if head_dim >= 256 and (bm > 64 or bn > 64) and not interpreter_enabled():
+        if head_dim >= 256 and (bm > 64 or bn > 64):
             continue
         kept.append(c)
     if not kept:  # block_size below every tile: the smallest tile that divides it.
