@@ -10,11 +10,17 @@ Run on a CUDA GPU:  python benchmarks/bench_estimate.py --lengths 8k,32k,128k
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from common import bench_ms, gpu_info, parse_lengths, print_table, qkv, write_results
+from common import (
+    bench_ms,
+    gpu_info,
+    parse_lengths,
+    print_table,
+    qkv,
+    shape_arguments,
+    write_results,
+)
 
 from xattention import estimate_block_scores, select_blocks
 from xattention.estimate import strided_keys, strided_queries
@@ -48,14 +54,8 @@ def materialised_estimate(q, k, stride, block_size, heads_per_chunk=4):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="8k,32k,128k")
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap = shape_arguments("estimate")
     ap.add_argument("--strides", default="8,16")
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--name", default="estimate")
     args = ap.parse_args()
     bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     rows = []

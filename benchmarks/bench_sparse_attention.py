@@ -7,8 +7,6 @@ hold (causal pairs), the same basis for every method.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from common import (
@@ -20,6 +18,7 @@ from common import (
     print_table,
     qkv,
     random_block_mask,
+    shape_arguments,
     visible_pairs,
     write_results,
 )
@@ -34,15 +33,9 @@ def rel_err(a, b):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="8k,32k,128k")
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap = shape_arguments("sparse_attention")
     ap.add_argument("--densities", default="0.1,0.2")
-    ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--name", default="sparse_attention")
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -9,11 +9,17 @@ runs on Q/K/V captured from a real model instead.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from common import bench_ms, gpu_info, parse_lengths, print_table, qkv, write_results
+from common import (
+    bench_ms,
+    gpu_info,
+    parse_lengths,
+    print_table,
+    qkv,
+    shape_arguments,
+    write_results,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattention import block_density, estimate_block_scores, select_blocks, xattention
@@ -97,17 +103,11 @@ def bench_real(path: str, args) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="8k,32k,128k")
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap = shape_arguments("xattention")
     ap.add_argument("--thresholds", default="0.9,0.95")
     ap.add_argument("--target-densities", default="0.1,0.2")
     ap.add_argument("--stride", type=int, default=8)
-    ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--real", default="", help="a file written by capture_real_qkv.py")
-    ap.add_argument("--name", default="xattention")
     args = ap.parse_args()
     if args.real:
         rows = bench_real(args.real, args)

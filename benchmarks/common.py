@@ -7,6 +7,7 @@ flushed between runs), runs its baselines in the same process on the same card, 
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -164,6 +165,18 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def _fmt(x) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def shape_arguments(name: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: lengths, head counts, head_dim, block size, name."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="8k,32k,128k")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--name", default=name)
+    return ap
 
 
 def parse_lengths(text: str) -> list[int]:

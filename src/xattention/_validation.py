@@ -162,6 +162,15 @@ def check_block_mask(mask: object, shape: AttentionShape, block_size: int) -> to
     return mask.expand(*expected)
 
 
+def check_block_grid(name: str, x: torch.Tensor, q_len: int, k_len: int, block_size: int) -> None:
+    """``x`` must be ``[B, Hq, ceil(q_len/block_size), ceil(k_len/block_size)]``."""
+    expected = (-(-q_len // block_size), -(-k_len // block_size))
+    if tuple(x.shape[2:]) != expected:
+        raise ValueError(f"{name} must have shape [B, Hq, {expected[0]}, {expected[1]}] for "
+                         f"q_len={q_len}, k_len={k_len}, block_size={block_size}, got "
+                         f"{list(x.shape)}")
+
+
 def check_scores(scores: object) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")

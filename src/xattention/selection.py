@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from ._backend import resolve_backend
 from ._validation import (
     check_backend,
+    check_block_grid,
     check_block_size,
     check_lengths,
     check_scores,
     check_threshold,
 )
-from .block_layout import candidate_blocks, forced_blocks, num_blocks
+from .block_layout import candidate_blocks, forced_blocks
 
 # Rows of the score matrix sorted at once; bounds the float64 working copy.
 _CHUNK_ELEMENTS = 1 << 24
@@ -61,11 +62,7 @@ def select_blocks(
         raise TypeError("select_blocks needs q_len and k_len (the lengths the scores came from)")
     q_len, k_len = check_lengths(q_len, k_len)
     block_size = check_block_size(block_size)
-    expected = (num_blocks(q_len, block_size), num_blocks(k_len, block_size))
-    if tuple(scores.shape[2:]) != expected:
-        raise ValueError(f"scores must have shape [B, Hq, {expected[0]}, {expected[1]}] for "
-                         f"q_len={q_len}, k_len={k_len}, block_size={block_size}, got "
-                         f"{list(scores.shape)}")
+    check_block_grid("scores", scores, q_len, k_len, block_size)
     threshold = check_threshold(threshold, scores.shape[1])
     backend = check_backend(backend)
     return _select(scores, threshold, q_len, k_len, block_size, bool(causal), backend)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_block_size, check_lengths
-from .block_layout import candidate_blocks, num_blocks
+from ._validation import check_block_grid, check_block_size, check_lengths
+from .block_layout import candidate_blocks
 
 
 def block_density(
@@ -27,11 +27,7 @@ def block_density(
         raise TypeError("mask must be a bool tensor [B, Hq, nQB, nKB]")
     q_len, k_len = check_lengths(q_len, k_len)
     block_size = check_block_size(block_size)
-    expected = (num_blocks(q_len, block_size), num_blocks(k_len, block_size))
-    if tuple(mask.shape[2:]) != expected:
-        raise ValueError(f"mask must have shape [B, Hq, {expected[0]}, {expected[1]}] for "
-                         f"q_len={q_len}, k_len={k_len}, block_size={block_size}, got "
-                         f"{list(mask.shape)}")
+    check_block_grid("mask", mask, q_len, k_len, block_size)
     cand = candidate_blocks(q_len, k_len, block_size, bool(causal), mask.device)
     kept = (mask & cand).sum(dim=(0, 2, 3)).to(torch.float64)
     per_head_total = cand.sum().item() * mask.shape[0]
