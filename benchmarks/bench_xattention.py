@@ -65,22 +65,23 @@ def threshold_for_density(scores, target: float, length: int, bs: int) -> float:
 
 
 def bench_length(length: int, args) -> list[dict]:
-    bs, h, hkv, d, s = args.block_size, args.heads, args.kv_heads, args.head_dim, args.stride
+    bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     q, k, v = qkv(1, h, hkv, length, length, d)
     cudnn_ms, flash_ms, ref = dense_reference(q, k, v)
     rows = [{"L": length, "method": "sdpa_cudnn", "ms": cudnn_ms},
             {"L": length, "method": "sdpa_flash", "ms": flash_ms,
              "speedup_vs_cudnn": cudnn_ms / flash_ms}]
-    for thr in (float(t) for t in args.thresholds.split(",")):
-        rows.append({"L": length, "method": f"xattention t={thr} S={s}"}
-                    | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
-    scores = estimate_block_scores(q, k, s, bs)
-    for target in (float(t) for t in args.target_densities.split(",") if t):
-        thr = threshold_for_density(scores, target, length, bs)
-        label = f"1-{1 - thr:.1e}" if thr > 0.999 else f"{thr:.4g}"
-        rows.append({"L": length, "method": f"xattention t={label} S={s} (~{target:.0%})",
-                     "threshold": thr}
-                    | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
+    for s in (int(x) for x in args.strides.split(",")):
+        for thr in (float(t) for t in args.thresholds.split(",")):
+            rows.append({"L": length, "method": f"xattention t={thr} S={s}"}
+                        | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
+        scores = estimate_block_scores(q, k, s, bs)
+        for target in (float(t) for t in args.target_densities.split(",") if t):
+            thr = threshold_for_density(scores, target, length, bs)
+            label = f"1-{1 - thr:.1e}" if thr > 0.999 else f"{thr:.4g}"
+            rows.append({"L": length, "method": f"xattention t={label} S={s} (~{target:.0%})",
+                         "threshold": thr}
+                        | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
     return rows
 
 
@@ -106,7 +107,7 @@ def main() -> None:
     ap = shape_arguments("xattention")
     ap.add_argument("--thresholds", default="0.9,0.95")
     ap.add_argument("--target-densities", default="0.1,0.2")
-    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--strides", default="8,16")
     ap.add_argument("--real", default="", help="a file written by capture_real_qkv.py")
     args = ap.parse_args()
     if args.real:
@@ -125,7 +126,7 @@ def main() -> None:
     cols = ["L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
     meta = gpu_info() | {"heads": args.heads, "kv_heads": args.kv_heads,
                          "head_dim": args.head_dim, "block_size": args.block_size,
-                         "stride": args.stride, "dtype": "bfloat16", "causal": True,
+                         "strides": args.strides, "dtype": "bfloat16", "causal": True,
                          "inputs": "structured synthetic (benchmarks/common.py:qkv)"}
     write_results(args.name, meta, rows, cols,
                   f"xattention() end to end, B=1, H={args.heads}/{args.kv_heads}, "

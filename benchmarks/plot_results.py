@@ -54,10 +54,13 @@ def plot_end_to_end() -> Path:
     rows = [r for r in data["rows"] if "~" in r["method"]]
     lengths = sorted({r["L"] for r in rows})
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for target in ("10%", "20%"):
-        pts = sorted((r["L"], r["speedup_vs_cudnn"]) for r in rows if f"~{target}" in r["method"])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"xattention(), ~{target} density")
+    strides = sorted({int(r["method"].split("S=")[1].split()[0]) for r in rows})
+    for stride in strides:
+        for target in ("10%", "20%"):
+            pts = sorted((r["L"], r["speedup_vs_cudnn"]) for r in rows
+                         if f"~{target}" in r["method"] and f"S={stride} " in r["method"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"xattention(), S={stride}, ~{target} density")
     ax.axhline(1.0, color="k", ls="--", lw=1, label="cuDNN dense causal")
     ax.axhline(3.5, color="r", ls=":", lw=1, label="target at 128k, ~20%")
     ax.set_xscale("log", base=2)
