@@ -48,8 +48,10 @@ def phase_calib(args: argparse.Namespace, model: Any, tok: Any) -> None:
         uniform.append({"threshold": t, **m})
         print(f"uniform {t}: {m}", flush=True)
     ref = next(u for u in uniform if u["threshold"] == args.reference)
-    budget = {"min_recall": args.min_recall, "max_kl": ref["kl"],
-              "max_loss_increase": max(ref["loss_increase"], 0.0),
+    # Fidelity bound: the reference's held-out KL. The loss increase is reported but not bounded
+    # (it is a noisy difference of two means at these sizes; pass a bound to calibrate() to
+    # use one).
+    budget = {"min_recall": args.min_recall, "max_kl": ref["kl"], "max_loss_increase": None,
               "reference_threshold": args.reference, "proxy": cal.proxy, "method": "dp"}
     alloc, chosen_budget, metrics, search_log = cal.search(
         args.min_recall, budget["max_kl"], budget["max_loss_increase"], "dp", args.ladder)
@@ -58,8 +60,7 @@ def phase_calib(args: argparse.Namespace, model: Any, tok: Any) -> None:
         alloc, budget, metrics,
         {"uniform_reference": {k: v for k, v in ref.items()}, "proxy_budget": chosen_budget,
          "proxy_budget_range": [lo_b, hi_b],
-         "meets_budget": bool(metrics["kl"] <= budget["max_kl"]
-                              and metrics["loss_increase"] <= budget["max_loss_increase"] + 1e-9)},
+         "meets_budget": bool(metrics["kl"] <= budget["max_kl"])},
         model_id=args.model, search_log=search_log)
     profile.save(OUT / f"{args.model}_profile.json")
     # The calibrated frontier: allocations at a spread of proxy budgets, same held-out windows.

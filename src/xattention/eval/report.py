@@ -1,0 +1,271 @@
+"""Tables and charts from the suite's JSONL records.
+
+Scores are compared *paired*: within one (model, length), only the (task, sample) pairs that every
+method finished are counted, so a run cut short by time never compares different samples. The
+suite average is the mean of the per-task means (RULER's average over tasks).
+
+>>> from xattention.eval.report import summarize
+>>> summarize([{"model": "m", "length": 2048, "task": "vt", "index": 0, "method": "full",
+...             "score": 100.0, "density": 1.0}])["m"]["2048"]["full"]["average"]
+100.0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .runner import read_records
+
+__all__ = ["summarize", "markdown_table", "plot_summary", "plot_layer_density", "write_report"]
+
+
+def _method_order(name: str) -> tuple:
+    """full first, then by stride, then by threshold (``xattn-t0.9-s8[-b64]``)."""
+    if name == "full":
+        return (0, 0, 0.0, name)
+    parts = {p[0]: p[1:] for p in name.split("-")[1:] if p}
+    try:
+        return (1, int(parts.get("s", 0)), float(parts.get("t", 0)), name)
+    except ValueError:
+        return (2, 0, 0.0, name)
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """``{model: {length: {method: {"tasks": {task: mean}, "average", "density", "n", ...}}}}``.
+
+    Every XAttention method is paired with ``full`` on the (task, sample) pairs both finished:
+    ``full_same`` is full attention's average on exactly those pairs and ``delta_vs_full`` the
+    difference. The ``full`` row itself covers the pairs that any other method also finished.
+    """
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        groups[(rec["model"], int(rec["length"]))].append(rec)
+    out: dict[str, Any] = {}
+    for (model, length), recs in sorted(groups.items()):
+        methods = sorted({r["method"] for r in recs}, key=_method_order)
+        by_method: dict[str, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
+        for r in recs:
+            by_method[r["method"]][(r["task"], int(r["index"]))] = r
+        full = by_method.get("full")
+        others = [m for m in methods if m != "full"]
+        entry: dict[str, Any] = {}
+        for m in methods:
+            if m == "full":
+                union = set().union(*(set(by_method[o]) for o in others)) if others else None
+                keys = set(full) if union is None else set(full) & union
+            else:
+                keys = set(by_method[m]) if full is None else set(by_method[m]) & set(full)
+            entry[m] = _aggregate([by_method[m][k] for k in sorted(keys)])
+            if full is not None and m != "full":
+                same = _aggregate([full[k] for k in sorted(keys)])
+                entry[m]["full_same"] = same["average"]
+                entry[m]["delta_vs_full"] = entry[m]["average"] - same["average"]
+        # A method with no sample in common with full attention has nothing to report.
+        entry = {m: e for m, e in entry.items() if e["n"] > 0}
+        out.setdefault(model, {})[str(length)] = entry
+    return out
+
+
+def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    tasks = sorted({r["task"] for r in rows})
+    per_task = {t: _mean([r["score"] for r in rows if r["task"] == t]) for t in tasks}
+    layer_density: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        for layer, d in (r.get("layer_density") or {}).items():
+            layer_density[layer].append(d)
+    return {
+        "tasks": per_task,
+        "average": _mean(list(per_task.values())),
+        "density": _mean([r["density"] for r in rows]),
+        "task_density": {t: _mean([r["density"] for r in rows if r["task"] == t])
+                         for t in tasks},
+        "layer_density": {k: _mean(v) for k, v in sorted(layer_density.items(),
+                                                         key=lambda kv: int(kv[0]))},
+        "n": len(rows),
+        "samples_per_task": {t: sum(1 for r in rows if r["task"] == t) for t in tasks},
+        "mean_time_s": _mean([r.get("time_s", float("nan")) for r in rows]),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """One table per model: rows (length, method), columns tasks, average, delta, density."""
+    lines: list[str] = []
+    for model, by_length in summary.items():
+        tasks = sorted({t for e in by_length.values() for m in e.values() for t in m["tasks"]})
+        lines.append(f"### {model}\n")
+        head = ["length", "method", *tasks, "**avg**", "full, same samples", "Δ vs full",
+                "density", "tasks", "samples/task"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for length, entry in sorted(by_length.items(), key=lambda kv: int(kv[0])):
+            for method, e in entry.items():
+                spt = sorted(set(e["samples_per_task"].values()))
+                cells = [length, method, *(_fmt(e["tasks"].get(t)) for t in tasks),
+                         f"**{_fmt(e['average'])}**",
+                         "" if method == "full" else _fmt(e.get("full_same", float("nan"))),
+                         "" if method == "full" else _fmt(e.get("delta_vs_full", float("nan"))),
+                         _fmt(e["density"], 3), str(len(e["tasks"])),
+                         "-".join(str(x) for x in (spt[0], spt[-1])) if len(spt) > 1
+                         else str(spt[0]) if spt else "0"]
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
+    """Suite average per method and length (bars, density written on them), one panel a model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(summary)
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(7 * max(1, len(models)), 4.5),
+                             squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        by_length = summary[model]
+        lengths = sorted(by_length, key=int)
+        methods = sorted({m for e in by_length.values() for m in e}, key=_method_order)
+        width = 0.8 / max(1, len(methods))
+        for j, m in enumerate(methods):
+            xs, ys, dens = [], [], []
+            for i, length in enumerate(lengths):
+                e = by_length[length].get(m)
+                if e is None:
+                    continue
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                ys.append(e["average"])
+                dens.append(e["density"])
+            bars = ax.bar(xs, ys, width, label=m)
+            for bar, d in zip(bars, dens, strict=True):
+                ax.annotate(f"{d:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_xticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) % 1024 == 0 else n
+                                            for n in lengths])
+        ax.set_ylabel("RULER-style average score")
+        ax.set_title(f"{model} (numbers on bars: block density)")
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_layer_density(summary: dict[str, Any], path: str | Path) -> None:
+    """Mean block density per layer, one line per (length, XAttention method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(summary)
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(7 * max(1, len(models)), 4),
+                             squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        for length, entry in sorted(summary[model].items(), key=lambda kv: int(kv[0])):
+            for method, e in entry.items():
+                layers = e.get("layer_density") or {}
+                if method == "full" or not layers:
+                    continue
+                xs = [int(k) for k in layers]
+                ax.plot(xs, list(layers.values()), marker="o", markersize=3,
+                        label=f"{length} {method}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("block density")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{model}: density per layer (prefill)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machines(result_files: Sequence[str | Path]) -> list[dict[str, Any]]:
+    machines = []
+    for f in result_files:
+        meta = Path(f).with_suffix(".meta.json")
+        if meta.exists():
+            for run in json.loads(meta.read_text()).get("runs", []):
+                machines.append({"file": Path(f).name, "started": run.get("started"),
+                                 "settings": run.get("settings"), "machine": run.get("machine")})
+    return machines
+
+
+def write_report(result_files: Sequence[str | Path], out_dir: str | Path,
+                 fidelity: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Write ``summary.json``, ``results.md`` and ``ruler.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [r for f in result_files for r in read_records(f)]
+    summary = summarize(records)
+    machines = _machines(result_files)
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"summary": summary, "runs": machines,
+         "files": [Path(f).name for f in result_files]}, indent=1))
+    if summary:
+        plot_summary(summary, out_dir / "ruler.png")
+        plot_layer_density(summary, out_dir / "layer_density.png")
+    md = ["# XAttention on the RULER-style suite\n",
+          "Generated by `xattention eval report` from: " +
+          ", ".join(f"`{Path(f).name}`" for f in result_files) + ".\n",
+          "Scores: RULER metrics (string_match_all; QA string_match_part), 0-100, mean over "
+          "tasks. Density: kept / causal candidate blocks, measured from the block masks of "
+          "every prefill call of the layers XAttention handles (1.0 = dense). Each XAttention "
+          "row is paired with full attention on the same (task, sample) pairs: 'full, same "
+          "samples' is full attention's average on exactly those, and the delta is taken "
+          "against it.\n",
+          markdown_table(summary)]
+    if summary:
+        md.append("![suite average per method](ruler.png)\n")
+        md.append("![density per layer](layer_density.png)\n")
+    for f in fidelity:
+        md.append(_fidelity_section(Path(f)))
+    md.append("## Machines\n")
+    seen = set()
+    for m in machines:
+        info = m["machine"] or {}
+        key = json.dumps(info, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        md.append(f"- {info.get('cpu_model', info.get('processor', '?'))}, "
+                  f"{info.get('cpu_count', '?')} cores, {info.get('mem_total', '?')} RAM, "
+                  f"device {info.get('device')}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}"
+                  f"; torch {info.get('torch')}, transformers {info.get('transformers')}, "
+                  f"{info.get('torch_threads')} torch threads; {info.get('platform')}")
+    (out_dir / "results.md").write_text("\n".join(md) + "\n")
+    return summary
+
+
+def _fidelity_section(path: Path) -> str:
+    res = json.loads(path.read_text())
+    lines = [f"## Attention fidelity: {res['model']}, {res['length']} tokens "
+             f"(stride {res['stride']}, block {res['block_size']})\n",
+             "Head means; recall = share of the dense attention mass inside the kept blocks.\n",
+             "| layer | threshold | recall (mean / min head) | output error (mean / max head) "
+             "| density |", "|---|---|---|---|---|"]
+    for layer, r in res["layers"].items():
+        for i, t in enumerate(r["thresholds"]):
+            rec, err, den = r["recall"][i], r["output_error"][i], r["density"][i]
+            lines.append(f"| {layer} | {t:g} | {_mean(rec):.4f} / {min(rec):.4f} | "
+                         f"{_mean(err):.4f} / {max(err):.4f} | {_mean(den):.3f} |")
+    png = path.with_suffix(".png")
+    if png.exists():
+        lines.append(f"\n![fidelity]({png.name})\n")
+    return "\n".join(lines) + "\n"

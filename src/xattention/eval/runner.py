@@ -1,0 +1,279 @@
+"""The RULER-style suite: full attention vs XAttention settings on the same generated samples.
+
+For every (length, task, sample) the prompt is prefilled and answered greedily once per method:
+``full`` (the model's own SDPA attention) and XAttention at each (threshold, stride). Methods run
+sample by sample, so an interrupted run still compares methods on the same samples; finished
+records are appended to a JSONL file and skipped when the run is resumed.
+
+Density is measured, not assumed: the prefill of every sample records the block masks of every
+layer XAttention handles (``integrations.transformers.last_stats``); the record keeps the
+candidate-weighted mean over those layers and the per-layer values.
+
+>>> from xattention.eval.runner import Method, run_suite
+>>> methods = [Method.full(), Method(threshold=0.9, stride=8)]
+>>> run_suite("smollm2", [2048], ["niah_single_1"], methods, num_samples=5,
+...           out="eval/results/smollm2.jsonl")                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import ruler
+
+__all__ = ["Method", "parse_methods", "run_suite", "machine_info", "read_records"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """``full`` attention, or XAttention with a threshold / stride / block size."""
+
+    threshold: float | None = None
+    stride: int = 8
+    block_size: int = 128
+
+    @staticmethod
+    def full() -> Method:
+        return Method(threshold=None)
+
+    @property
+    def name(self) -> str:
+        if self.threshold is None:
+            return "full"
+        return f"xattn-t{self.threshold:g}-s{self.stride}" + \
+            ("" if self.block_size == 128 else f"-b{self.block_size}")
+
+    @property
+    def is_full(self) -> bool:
+        return self.threshold is None
+
+
+def parse_methods(thresholds: Sequence[float], strides: Sequence[int], block_size: int = 128,
+                  include_full: bool = True) -> list[Method]:
+    """``full`` plus the grid thresholds x strides."""
+    methods = [Method.full()] if include_full else []
+    for stride in strides:
+        for t in thresholds:
+            methods.append(Method(threshold=float(t), stride=int(stride), block_size=block_size))
+    return methods
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Where a result was produced (goes into every results file)."""
+    import transformers
+
+    import xattention
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "xattention": xattention.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        import os
+
+        info["cpu_count"] = os.cpu_count()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["mem_total"] = f.readline().split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSONL results file (missing file: empty list)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _key(rec: dict[str, Any]) -> tuple:
+    return rec["model"], rec["length"], rec["task"], rec["index"], rec["method"]
+
+
+@torch.no_grad()
+def _answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tuple[str, int, int]:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not _has_bos(tokenizer, prompt))
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         temperature=None, top_p=None, top_k=None)
+    new = out[0, ids["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), ids["input_ids"].shape[1], new.numel()
+
+
+def _has_bos(tokenizer: Any, prompt: str) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and prompt.startswith(bos)
+
+
+def run_suite(
+    model_name: str,
+    lengths: Iterable[int],
+    tasks: Iterable[str],
+    methods: Sequence[Method],
+    *,
+    num_samples: int = 10,
+    seed: int = 42,
+    out: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    loaded: tuple[Any, Any] | None = None,
+    time_limit_s: float | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the suite and append one record per (length, task, sample, method) to ``out``.
+
+    Args:
+        model_name: ``"smollm2"`` or ``"gemma3"`` (see :mod:`xattention.eval.models`).
+        lengths: context lengths in tokens (prompt + generation budget), e.g. ``[2048, 4096]``.
+        tasks: RULER task names (:data:`xattention.eval.ruler.ALL_TASKS`).
+        methods: :class:`Method` list; ``Method.full()`` is the dense baseline.
+        num_samples: samples per (task, length).
+        seed: seeds the generators (same samples for every method) and torch.
+        out: JSONL file; existing records are kept and skipped (resume).
+        max_new_tokens: cap on RULER's per-task generation budget (None: RULER's budget).
+        loaded: an already loaded ``(model, tokenizer)``.
+        time_limit_s: stop cleanly (after the current sample) once this much time has passed.
+
+    Returns:
+        the records of this call (earlier ones are in ``out``).
+    """
+    from ..integrations import transformers as xt
+    from .models import MODELS, load_model
+
+    spec = MODELS[model_name]
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device,
+                                                                    dtype=dtype)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {_key(r) for r in read_records(out)}
+    configs = ruler.load_task_configs()
+    tasks, lengths = list(tasks), list(lengths)
+    for length in lengths:
+        if length > spec.max_context:
+            raise ValueError(f"{model_name} has a {spec.max_context}-token context; got {length}")
+    log = out.with_suffix(".generator.log")
+    _write_meta(out, model_name, dict(lengths=lengths, tasks=tasks,
+                                      methods=[m.name for m in methods], num_samples=num_samples,
+                                      seed=seed, device=str(device), dtype=str(dtype),
+                                      backend=backend, max_new_tokens=max_new_tokens),
+                device)
+
+    try:
+        from tqdm.auto import tqdm
+    except ModuleNotFoundError:  # pragma: no cover - tqdm is a core dependency
+        tqdm = None
+    total = len(lengths) * len(tasks) * num_samples * len(methods)
+    bar = tqdm(total=total, desc=f"{model_name} RULER", disable=not progress) if tqdm else None
+    start = time.time()
+    new_records: list[dict[str, Any]] = []
+    try:
+        for length in lengths:
+            # Every task's samples first, then round-robin (sample 0 of every task, sample 1, ...)
+            # so that a run cut short by time still covers every task evenly.
+            per_task = {task: ruler.generate_samples(task, length, num_samples, tokenizer,
+                                                     seed=seed, chat=spec.chat, log=log)
+                        for task in tasks}
+            for i in range(num_samples):
+                for task in tasks:
+                    if i >= len(per_task[task]):
+                        continue
+                    sample, cfg = per_task[task][i], configs[task]
+                    budget = cfg.tokens_to_generate if max_new_tokens is None else \
+                        min(cfg.tokens_to_generate, max_new_tokens)
+                    prompt = ruler.build_prompt(sample, tokenizer, spec.chat)
+                    for method in methods:
+                        if bar is not None:
+                            bar.set_postfix_str(f"{length} {task} #{sample.index} {method.name}")
+                        rec_key = (model_name, length, task, sample.index, method.name)
+                        if rec_key in done:
+                            if bar is not None:
+                                bar.update(1)
+                            continue
+                        if time_limit_s is not None and time.time() - start > time_limit_s:
+                            raise TimeoutError
+                        rec = _run_one(model, tokenizer, xt, method, prompt, sample, cfg, budget,
+                                       backend)
+                        rec.update(model=model_name, length=length, seed=seed)
+                        with open(out, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        done.add(rec_key)
+                        new_records.append(rec)
+                        if on_record is not None:
+                            on_record(rec)
+                        if bar is not None:
+                            bar.update(1)
+    except TimeoutError:
+        if bar is not None:
+            bar.write(f"time limit reached after {len(new_records)} records; rerun to resume")
+    finally:
+        if bar is not None:
+            bar.close()
+        xt.disable(model)
+    return new_records
+
+
+def _write_meta(out: Path, model_name: str, settings: dict[str, Any],
+                device: torch.device | str) -> None:
+    """Record the machine and settings of this invocation next to the results."""
+    meta_path = out.with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": []}
+    meta["runs"].append({"model": model_name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                         "machine": machine_info(device), "settings": settings})
+    meta_path.write_text(json.dumps(meta, indent=1))
+
+
+def _run_one(model: Any, tokenizer: Any, xt: Any, method: Method, prompt: str,
+             sample: ruler.Sample, cfg: ruler.TaskConfig, budget: int, backend: str
+             ) -> dict[str, Any]:
+    if method.is_full:
+        xt.disable(model)
+    else:
+        xt.enable(model, threshold=method.threshold, stride=method.stride,
+                  block_size=method.block_size, backend=backend)
+        xt.reset_stats(model)
+    t0 = time.perf_counter()
+    text, prompt_tokens, new_tokens = _answer(model, tokenizer, prompt, budget)
+    elapsed = time.perf_counter() - t0
+    pred = ruler.postprocess(text)
+    rec: dict[str, Any] = {
+        "task": sample.task, "index": sample.index, "method": method.name,
+        "method_spec": asdict(method),
+        "score": ruler.score_sample(cfg.metric, pred, sample.outputs),
+        "pred": pred, "outputs": sample.outputs,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "time_s": round(elapsed, 3),
+        "density": 1.0, "layer_density": None,
+    }
+    if not method.is_full:
+        stats = xt.last_stats(model)
+        rec["density"] = stats.overall()
+        rec["layer_density"] = {str(k): round(v, 5) for k, v in stats.per_layer().items()}
+    return rec
