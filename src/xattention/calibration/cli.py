@@ -59,6 +59,10 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--grid-start", type=float, default=1.0)
     p.add_argument("--grid-steps", type=int, default=13)
     p.add_argument("--method", choices=("dp", "lagrangian"), default="dp")
+    p.add_argument("--ladder", type=int, default=24,
+                   help="budgets on the geometric ladder the held-out search bisects")
+    p.add_argument("--refine", type=int, default=2,
+                   help="extra bisection probes after the ladder search")
     p.add_argument("--layers", default=None,
                    help="comma-separated layers to calibrate (others stay dense)")
     p.add_argument("--seed", type=int, default=0)
@@ -139,7 +143,8 @@ def _main(args: argparse.Namespace) -> int:
         reference_threshold=args.reference_threshold, proxy=args.proxy,
         proxy_budget=args.proxy_budget,
         grid=grid,
-        method=args.method, layers=layers, model_id=model_id, seed=args.seed,
+        method=args.method, ladder=args.ladder, refine=args.refine, layers=layers,
+        model_id=model_id, seed=args.seed,
         backend=args.backend, progress=not args.no_progress,
     )
     profile.save(args.out)

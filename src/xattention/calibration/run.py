@@ -535,8 +535,10 @@ class Calibrator:
         max_loss_increase: float | None,
         method: str = "dp",
         ladder: int = 24,
+        refine: int = 2,
     ) -> tuple[Allocation, float, dict[str, float], list[dict[str, Any]]]:
-        """Step 4: binary search of the budget ladder for the sparsest acceptable allocation.
+        """Step 4: binary search of the budget ladder for the sparsest acceptable allocation,
+        then ``refine`` bisection steps between the last accepted and first rejected budget.
 
         Returns ``(allocation, budget, held-out metrics, search log)``.
         """
@@ -575,6 +577,16 @@ class Calibrator:
                 lo_i = mid
             else:
                 hi_i = mid
+        # Refine between the last acceptable and the first rejected rung (geometric midpoints).
+        if hi_i < len(budgets):
+            for _ in range(refine):
+                b = math.sqrt(max(budgets[lo_i], 1e-30) * budgets[hi_i])
+                budgets.append(b)
+                allocs.append(self.allocate(b, min_recall, method))
+                if acceptable(probe(len(budgets) - 1)):
+                    lo_i = len(budgets) - 1
+                else:
+                    hi_i = len(budgets) - 1
         chosen_eval = evals.get(lo_i) or probe(lo_i)
         return allocs[lo_i], budgets[lo_i], chosen_eval, log
 
@@ -648,6 +660,7 @@ def calibrate(
     grid: Sequence[float] | None = None,
     method: str = "dp",
     ladder: int = 24,
+    refine: int = 2,
     layers: Sequence[int] | None = None,
     model_id: str | None = None,
     seed: int = 0,
@@ -680,6 +693,7 @@ def calibrate(
             then the paper's 0.9 * 0.9**s ladder to 0.28).
         method: ``"dp"`` (exact up to 2% budget slack) or ``"lagrangian"``.
         ladder: number of budgets on the geometric ladder searched in step 4.
+        refine: extra bisection probes between the last accepted and first rejected budget.
         layers: layers to calibrate (others stay dense, threshold 1.0); all when None.
         model_id: recorded in the profile (default: the model's name or path).
         seed: seeds the window choice (everything else is deterministic).
@@ -727,7 +741,7 @@ def calibrate(
             metrics = cal.evaluate(cal.thresholds(alloc)) if verify else None
         else:
             alloc, chosen_budget, metrics, search_log = cal.search(
-                min_recall, max_kl, max_loss_increase, method, ladder)
+                min_recall, max_kl, max_loss_increase, method, ladder, refine)
         lo_b, hi_b = cal.budget_range(min_recall)
         extra.update({"proxy_budget": chosen_budget, "proxy_budget_range": [lo_b, hi_b]})
         if metrics is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -65,6 +66,11 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 same = _aggregate([full[k] for k in sorted(keys)])
                 entry[m]["full_same"] = same["average"]
                 entry[m]["delta_vs_full"] = entry[m]["average"] - same["average"]
+                # Spread of the paired per-sample differences: how much of the delta is noise.
+                diffs = [by_method[m][k]["score"] - full[k]["score"] for k in sorted(keys)]
+                entry[m]["delta_se"] = (statistics.stdev(diffs) / math.sqrt(len(diffs))
+                                        if len(diffs) > 1 else float("nan"))
+                entry[m]["samples_changed"] = sum(1 for d in diffs if d != 0)
         # A method with no sample in common with full attention has nothing to report.
         entry = {m: e for m, e in entry.items() if e["n"] > 0}
         out.setdefault(model, {})[str(length)] = entry
@@ -107,7 +113,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for model, by_length in summary.items():
         tasks = sorted({t for e in by_length.values() for m in e.values() for t in m["tasks"]})
         lines.append(f"### {model}\n")
-        head = ["length", "method", *tasks, "**avg**", "full, same samples", "Δ vs full",
+        head = ["length", "method", *tasks, "**avg**", "full, same samples", "Δ vs full ± SE",
                 "density", "tasks", "samples/task"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
@@ -117,7 +123,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 cells = [length, method, *(_fmt(e["tasks"].get(t)) for t in tasks),
                          f"**{_fmt(e['average'])}**",
                          "" if method == "full" else _fmt(e.get("full_same", float("nan"))),
-                         "" if method == "full" else _fmt(e.get("delta_vs_full", float("nan"))),
+                         "" if method == "full" else
+                         f"{_fmt(e.get('delta_vs_full', float('nan')))} ± "
+                         f"{_fmt(e.get('delta_se', float('nan')))}",
                          _fmt(e["density"], 3), str(len(e["tasks"])),
                          "-".join(str(x) for x in (spt[0], spt[-1])) if len(spt) > 1
                          else str(spt[0]) if spt else "0"]
@@ -229,7 +237,7 @@ def write_report(result_files: Sequence[str | Path], out_dir: str | Path,
           "every prefill call of the layers XAttention handles (1.0 = dense). Each XAttention "
           "row is paired with full attention on the same (task, sample) pairs: 'full, same "
           "samples' is full attention's average on exactly those, and the delta is taken "
-          "against it.\n",
+          "against it; ± is the standard error of the mean paired per-sample difference.\n",
           markdown_table(summary)]
     if summary:
         md.append("![suite average per method](ruler.png)\n")
