@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from reference import cdiv, ref_candidates, robust_rows
 
@@ -146,3 +147,20 @@ def skip_unsupported(backend, dtype):
 
     if dtype not in dtypes_for(backend):
         pytest.skip(f"{dtype} not tested on the {backend} backend (interpreter bf16 dot)")
+
+
+# Block size 24 is not a power of two: an explicit backend="triton" may refuse it.
+EXOTIC = pytest.mark.triton_may_refuse_block_size
+
+
+def config_names(names):
+    """Parametrize ids for shape configs, marking the exotic block size."""
+    return [pytest.param(n, marks=EXOTIC) if n == "bs24" else n for n in names]
+
+
+def pick_config(torch_cfgs, triton_cfgs, backend, name):
+    """The named config of ``backend``'s table, or skip when that backend does not run it."""
+    table = torch_cfgs if backend == "torch" else triton_cfgs
+    if name not in table:
+        pytest.skip(f"config {name} not run on {backend}")
+    return table[name]

@@ -4,7 +4,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from inputs import ALL_DTYPES, DTYPE_IDS, SCORE_TOL, skip_unsupported
+from inputs import (
+    ALL_DTYPES,
+    DTYPE_IDS,
+    SCORE_TOL,
+    config_names,
+    pick_config,
+    skip_unsupported,
+)
 from reference import cdiv, ref_block_scores, ref_candidates
 
 from xattention import estimate_block_scores
@@ -43,21 +50,11 @@ TRITON_CFGS = {
     "gqa4_2": Cfg(1, 4, 2, 20, 45, 16, 16, 4),
     "bs24": Cfg(1, 2, 1, 30, 50, 16, 24, 8),
 }
-EXOTIC = pytest.mark.triton_may_refuse_block_size  # block size 24 is not a power of two
-
-
-def _names(names):
-    return [pytest.param(n, marks=EXOTIC) if n == "bs24" else n for n in names]
-
-
-ALL_CFGS = _names(sorted(set(TORCH_CFGS) | set(TRITON_CFGS)))
+ALL_CFGS = config_names(sorted(set(TORCH_CFGS) | set(TRITON_CFGS)))
 
 
 def _cfg(backend, name):
-    table = TORCH_CFGS if backend == "torch" else TRITON_CFGS
-    if name not in table:
-        pytest.skip(f"config {name} not run on {backend}")
-    return table[name]
+    return pick_config(TORCH_CFGS, TRITON_CFGS, backend, name)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
@@ -101,7 +98,7 @@ def test_estimate_random_inputs_and_explicit_scale(backend, make_qkv, name):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("name", _names(["chunk_unaligned", "odd", "odd_chunk", "bs24"]))
+@pytest.mark.parametrize("name", config_names(["chunk_unaligned", "odd", "odd_chunk", "bs24"]))
 def test_estimate_rows_normalised_and_zero_outside_candidates(backend, make_qkv, name, causal):
     c = _cfg(backend, name)
     q, k, _ = make_qkv(c.B, c.Hq, c.Hkv, c.Lq, c.Lk, c.D)

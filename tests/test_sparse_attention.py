@@ -5,7 +5,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from inputs import ALL_DTYPES, DTYPE_IDS, OUT_TOL, random_block_mask, skip_unsupported
+from inputs import (
+    ALL_DTYPES,
+    DTYPE_IDS,
+    OUT_TOL,
+    config_names,
+    pick_config,
+    random_block_mask,
+    skip_unsupported,
+)
 from reference import cdiv, ref_dense_attention, ref_sparse_attention
 
 from xattention import block_sparse_attention
@@ -38,21 +46,11 @@ TRITON_CFGS = {
     "gqa4_2": Cfg(1, 4, 2, 20, 45, 16, 16),
     "bs24": Cfg(1, 2, 1, 30, 50, 16, 24),
 }
-EXOTIC = pytest.mark.triton_may_refuse_block_size  # block size 24 is not a power of two
-
-
-def _names(names):
-    return [pytest.param(n, marks=EXOTIC) if n == "bs24" else n for n in names]
-
-
-ALL_CFGS = _names(sorted(set(TORCH_CFGS) | set(TRITON_CFGS)))
+ALL_CFGS = config_names(sorted(set(TORCH_CFGS) | set(TRITON_CFGS)))
 
 
 def _cfg(backend, name):
-    table = TORCH_CFGS if backend == "torch" else TRITON_CFGS
-    if name not in table:
-        pytest.skip(f"config {name} not run on {backend}")
-    return table[name]
+    return pick_config(TORCH_CFGS, TRITON_CFGS, backend, name)
 
 
 def _bsa(q, k, v, mask, c, causal, backend, **kw):
