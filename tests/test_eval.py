@@ -98,6 +98,16 @@ def test_generate_samples(tokenizer, cache_dir):
                                                               cache_dir=cache_dir)]
 
 
+@needs_ruler
+@needs_smollm2
+def test_generator_timeout_names_the_task(tokenizer, tmp_path, monkeypatch):
+    from xattention.eval import ruler
+
+    monkeypatch.setenv("XATTENTION_GENERATOR_TIMEOUT", "0.01")
+    with pytest.raises(RuntimeError, match="qa_2 at .* did not finish"):
+        ruler.generate_samples("qa_2", 1024, 1, tokenizer, cache_dir=tmp_path)
+
+
 # ------------------------------------------------------------------------------------------
 # Runner + report, end to end on a tiny random model
 # ------------------------------------------------------------------------------------------
@@ -147,6 +157,72 @@ def test_run_suite_and_report(tokenizer, cache_dir, tmp_path, monkeypatch):
     assert "xattn-t0.5-s8-b64" in md and "| 1024 | full |" in md
     assert (tmp_path / "rep" / "ruler.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "layer_density.png").stat().st_size > 1000
+
+
+@needs_smollm2
+@pytest.mark.parametrize("sparse", [False, True])
+def test_batched_answers_match_one_by_one(tokenizer, sparse):
+    """Left-padded batches give every prompt the answer it gets alone (dense and XAttention)."""
+    from xattention.eval import runner
+    from xattention.integrations import transformers as xt
+
+    model = _tiny_model(len(tokenizer))
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rng = torch.Generator().manual_seed(1)
+    prompts = [" ".join(words[int(i)] for i in torch.randint(0, 10, (n,), generator=rng))
+               for n in (300, 170, 240)]
+    if sparse:
+        # block 64: the prompts span 3-5 blocks, so the padded rows shift the block grid.
+        xt.enable(model, threshold=0.5, stride=8, block_size=64, backend="torch")
+    try:
+        alone = [runner._answer(model, tokenizer, [p], 6)[0] for p in prompts]
+        if sparse:
+            xt.reset_stats(model)
+        batched = runner._answer(model, tokenizer, prompts, 6)
+        if sparse:
+            assert 0 < xt.last_stats(model).overall() < 1  # the sparse path really ran
+    finally:
+        xt.disable(model)
+    lengths = [a[1] for a in alone]
+    assert len(set(lengths)) == 3  # different lengths: the batch is padded
+    assert batched == alone
+
+
+@needs_ruler
+@needs_smollm2
+def test_run_suite_batches_and_profiles(tokenizer, cache_dir, tmp_path, monkeypatch):
+    from xattention.calibration import ThresholdProfile
+    from xattention.eval import runner
+
+    monkeypatch.setenv("XATTENTION_CACHE", str(cache_dir))
+    model = _tiny_model(len(tokenizer))
+    profile = tmp_path / "tiny.json"
+    ThresholdProfile(thresholds=[[0.5, 0.6, 0.7, 1.0], [0.8] * 4], stride=8, block_size=64,
+                     model_id="tiny").save(profile)
+    method = runner.Method.from_profile(profile, label="calibrated")
+    assert (method.name, method.block_size, method.is_full) == ("calibrated", 64, False)
+    assert runner.Method.from_profile(profile).name == "profile-tiny"
+    methods = [runner.Method.full(), method]
+    kwargs = dict(num_samples=2, backend="torch", max_new_tokens=3, progress=False,
+                  loaded=(model, tokenizer), seed=3)
+    one = runner.run_suite("smollm2", [1024], ["niah_single_1"], methods,
+                           out=tmp_path / "one.jsonl", **kwargs)
+    two = runner.run_suite("smollm2", [1024], ["niah_single_1"], methods,
+                           out=tmp_path / "two.jsonl", batch_size=2, **kwargs)
+    key = lambda r: (r["method"], r["index"])  # noqa: E731
+    one, two = sorted(one, key=key), sorted(two, key=key)
+    assert [key(r) for r in one] == [key(r) for r in two] and len(one) == 4
+    assert [r["pred"] for r in one] == [r["pred"] for r in two]
+    assert {r["density_scope"] for r in two if r["method"] == "calibrated"} == {"batch"}
+    # A batch's pooled density is the mean over its sequences: equal to the one-by-one mean.
+    for a, b in zip(one, two, strict=True):
+        if a["method"] == "calibrated":
+            assert 0 < b["density"] < 1
+    mean_one = sum(r["density"] for r in one if r["method"] == "calibrated") / 2
+    assert two[0]["density"] == pytest.approx(mean_one)
+    with pytest.raises(ValueError, match="batch_size"):
+        runner.run_suite("smollm2", [1024], ["niah_single_1"], methods,
+                         out=tmp_path / "bad.jsonl", batch_size=0, **kwargs)
 
 
 def test_summary_is_paired():

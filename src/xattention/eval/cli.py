@@ -33,6 +33,13 @@ def register_cli(subparsers: Any) -> None:
     r.add_argument("--strides", type=int, nargs="+", default=[8, 16])
     r.add_argument("--block-size", type=int, default=128)
     r.add_argument("--no-full", action="store_true", help="skip the full-attention baseline")
+    r.add_argument("--no-grid", action="store_true",
+                   help="skip the threshold x stride grid (e.g. to run only --profile methods)")
+    r.add_argument("--profile", action="append", default=[], metavar="JSON[=LABEL]",
+                   help="also run XAttention with this calibration profile (repeatable); "
+                        "LABEL names the method in the results (default: profile-<file stem>)")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help="samples of one task answered together (left-padded; faster on a GPU)")
     r.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap RULER's per-task generation budget")
     r.add_argument("--seed", type=int, default=42)
@@ -101,15 +108,20 @@ def _tasks(names: list[str] | None) -> list[str]:
 
 
 def _ruler(args: argparse.Namespace) -> int:
-    from .runner import parse_methods, run_suite
+    from .runner import Method, parse_methods, run_suite
 
     _threads(args.threads)
-    methods = parse_methods(args.thresholds, args.strides, args.block_size,
-                            include_full=not args.no_full)
+    methods = parse_methods([] if args.no_grid else args.thresholds, args.strides,
+                            args.block_size, include_full=not args.no_full)
+    for item in args.profile:
+        path, _, label = item.partition("=")
+        methods.append(Method.from_profile(path, label or None))
+    if not methods:
+        raise SystemExit("nothing to run: --no-full and --no-grid without --profile")
     run_suite(args.model, args.lengths, _tasks(args.tasks), methods, num_samples=args.samples,
               seed=args.seed, out=args.out, device=args.device, dtype=_dtype(args.dtype),
               backend=args.backend, max_new_tokens=args.max_new_tokens,
-              progress=not args.no_progress,
+              progress=not args.no_progress, batch_size=args.batch_size,
               time_limit_s=None if args.time_limit is None else args.time_limit * 60)
     if args.report:
         from .report import write_report

@@ -26,9 +26,11 @@ __all__ = ["summarize", "markdown_table", "plot_summary", "plot_layer_density", 
 
 
 def _method_order(name: str) -> tuple:
-    """full first, then by stride, then by threshold (``xattn-t0.9-s8[-b64]``)."""
+    """full first, then by stride, then by threshold (``xattn-t0.9-s8[-b64]``), then profiles."""
     if name == "full":
         return (0, 0, 0.0, name)
+    if not name.startswith("xattn-"):
+        return (2, 0, 0.0, name)
     parts = {p[0]: p[1:] for p in name.split("-")[1:] if p}
     try:
         return (1, int(parts.get("s", 0)), float(parts.get("t", 0)), name)

@@ -136,7 +136,9 @@ def _tokenizer_dir(tokenizer: Any, cache: Path) -> Path:
     """Save ``tokenizer`` once (keyed by its vocabulary) so the generator can load it by path."""
     vocab = tokenizer.get_vocab()
     key = hashlib.sha1(json.dumps(sorted(vocab.items())[:5000]).encode()).hexdigest()[:12]
-    folder = cache / "tokenizers" / f"{type(tokenizer).__name__}-{len(vocab)}-{key}"
+    # Keyed by the vocabulary alone: the tokenizer's class name changes across transformers
+    # releases, and samples generated on one machine should be found on another.
+    folder = cache / "tokenizers" / f"vocab{len(vocab)}-{key}"
     if not (folder / "tokenizer_config.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(folder))
@@ -202,7 +204,15 @@ def _run_generator(cfg: TaskConfig, out_dir: Path, tok_dir: Path, budget: int, n
     for key, value in cfg.args.items():
         args += [f"--{key}", str(value)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED=str(seed))
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    timeout = float(os.environ.get("XATTENTION_GENERATOR_TIMEOUT", 900))
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        # RULER's QA generator retries forever when its smallest document set (10 documents)
+        # is already longer than the budget, e.g. qa_2 (HotpotQA) at 2k tokens.
+        raise RuntimeError(f"RULER generator for {cfg.name} at {budget} tokens did not finish "
+                           f"in {timeout:g}s; the length is probably too short for this task "
+                           "(qa_2 needs more than 2k tokens)") from exc
     if log is not None:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(args[:6])} ... {cfg.name} {budget}\n{result.stdout[-4000:]}\n"

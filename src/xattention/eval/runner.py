@@ -1,13 +1,19 @@
 """The RULER-style suite: full attention vs XAttention settings on the same generated samples.
 
 For every (length, task, sample) the prompt is prefilled and answered greedily once per method:
-``full`` (the model's own SDPA attention) and XAttention at each (threshold, stride). Methods run
-sample by sample, so an interrupted run still compares methods on the same samples; finished
-records are appended to a JSONL file and skipped when the run is resumed.
+``full`` (the model's own SDPA attention), XAttention at each (threshold, stride), or XAttention
+with a calibrated per-head :class:`~xattention.calibration.ThresholdProfile`. Methods run batch by
+batch (``batch_size`` samples of one task, left-padded), so an interrupted run still compares
+methods on the same samples; finished records are appended to a JSONL file and skipped when the
+run is resumed.
 
-Density is measured, not assumed: the prefill of every sample records the block masks of every
-layer XAttention handles (``integrations.transformers.last_stats``); the record keeps the
-candidate-weighted mean over those layers and the per-layer values.
+Batching only changes speed: the integration runs XAttention on each padded sequence's own rows
+exactly, and decode is dense, so a batched answer is the unbatched one up to float rounding.
+
+Density is measured, not assumed: the prefill records the block masks of every layer XAttention
+handles (``integrations.transformers.last_stats``); a record keeps the candidate-weighted mean
+over those layers and the per-layer values. With ``batch_size > 1`` these are the batch's pooled
+counts, shared by the batch's records (``density_scope`` says which).
 
 >>> from xattention.eval.runner import Method, run_suite
 >>> methods = [Method.full(), Method(threshold=0.9, stride=8)]
@@ -35,18 +41,35 @@ __all__ = ["Method", "parse_methods", "run_suite", "machine_info", "read_records
 
 @dataclass(frozen=True)
 class Method:
-    """``full`` attention, or XAttention with a threshold / stride / block size."""
+    """``full`` attention, XAttention with one threshold / stride / block size, or XAttention
+    with the per-head thresholds of a calibration profile (``profile``: path of its JSON)."""
 
     threshold: float | None = None
     stride: int = 8
     block_size: int = 128
+    profile: str | None = None
+    label: str | None = None
 
     @staticmethod
     def full() -> Method:
         return Method(threshold=None)
 
+    @staticmethod
+    def from_profile(path: str | Path, label: str | None = None) -> Method:
+        """XAttention with a :class:`~xattention.calibration.ThresholdProfile` (stride and block
+        size are the profile's)."""
+        from ..calibration import ThresholdProfile
+
+        profile = ThresholdProfile.load(path)
+        return Method(threshold=None, stride=profile.stride, block_size=profile.block_size,
+                      profile=str(path), label=label)
+
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
+        if self.profile is not None:
+            return f"profile-{Path(self.profile).stem}"
         if self.threshold is None:
             return "full"
         return f"xattn-t{self.threshold:g}-s{self.stride}" + \
@@ -54,7 +77,7 @@ class Method:
 
     @property
     def is_full(self) -> bool:
-        return self.threshold is None
+        return self.threshold is None and self.profile is None
 
 
 def parse_methods(thresholds: Sequence[float], strides: Sequence[int], block_size: int = 128,
@@ -115,13 +138,32 @@ def _key(rec: dict[str, Any]) -> tuple:
 
 
 @torch.no_grad()
-def _answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tuple[str, int, int]:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not _has_bos(tokenizer, prompt))
-    ids = {k: v.to(model.device) for k, v in ids.items()}
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         temperature=None, top_p=None, top_k=None)
-    new = out[0, ids["input_ids"].shape[1]:]
-    return tokenizer.decode(new, skip_special_tokens=True), ids["input_ids"].shape[1], new.numel()
+def _answer(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
+            ) -> list[tuple[str, int, int]]:
+    """Greedy answers of a batch: ``(text, prompt tokens, generated tokens)`` per prompt."""
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last column
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=len(prompts) > 1,
+                        add_special_tokens=not _has_bos(tokenizer, prompts[0]))
+    finally:
+        tokenizer.padding_side = padding_side
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         temperature=None, top_p=None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1]:].cpu()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    answers = []
+    for row, mask in zip(new.tolist(), enc["attention_mask"].cpu(), strict=True):
+        # Finished rows are filled with padding: count up to and including the first EOS.
+        length = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        answers.append((tokenizer.decode(row[:length], skip_special_tokens=True),
+                        int(mask.sum()), length))
+    return answers
 
 
 def _has_bos(tokenizer: Any, prompt: str) -> bool:
@@ -146,6 +188,7 @@ def run_suite(
     loaded: tuple[Any, Any] | None = None,
     time_limit_s: float | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    batch_size: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the suite and append one record per (length, task, sample, method) to ``out``.
 
@@ -159,7 +202,9 @@ def run_suite(
         out: JSONL file; existing records are kept and skipped (resume).
         max_new_tokens: cap on RULER's per-task generation budget (None: RULER's budget).
         loaded: an already loaded ``(model, tokenizer)``.
-        time_limit_s: stop cleanly (after the current sample) once this much time has passed.
+        time_limit_s: stop cleanly (after the current batch) once this much time has passed.
+        batch_size: samples of one task answered together (left-padded); larger is faster on a
+            GPU, where decoding one sequence leaves the device mostly idle.
 
     Returns:
         the records of this call (earlier ones are in ``out``).
@@ -168,6 +213,8 @@ def run_suite(
     from .models import MODELS, load_model
 
     spec = MODELS[model_name]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     random.seed(seed)
     torch.manual_seed(seed)
     model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device,
@@ -184,7 +231,8 @@ def run_suite(
     _write_meta(out, model_name, dict(lengths=lengths, tasks=tasks,
                                       methods=[m.name for m in methods], num_samples=num_samples,
                                       seed=seed, device=str(device), dtype=str(dtype),
-                                      backend=backend, max_new_tokens=max_new_tokens),
+                                      backend=backend, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size),
                 device)
 
     try:
@@ -197,40 +245,43 @@ def run_suite(
     new_records: list[dict[str, Any]] = []
     try:
         for length in lengths:
-            # Every task's samples first, then round-robin (sample 0 of every task, sample 1, ...)
+            # Every task's samples first, then round-robin (batch 0 of every task, batch 1, ...)
             # so that a run cut short by time still covers every task evenly.
             per_task = {task: ruler.generate_samples(task, length, num_samples, tokenizer,
                                                      seed=seed, chat=spec.chat, log=log)
                         for task in tasks}
-            for i in range(num_samples):
+            for first in range(0, num_samples, batch_size):
                 for task in tasks:
-                    if i >= len(per_task[task]):
+                    batch = per_task[task][first:first + batch_size]
+                    if not batch:
                         continue
-                    sample, cfg = per_task[task][i], configs[task]
+                    cfg = configs[task]
                     budget = cfg.tokens_to_generate if max_new_tokens is None else \
                         min(cfg.tokens_to_generate, max_new_tokens)
-                    prompt = ruler.build_prompt(sample, tokenizer, spec.chat)
                     for method in methods:
+                        todo = [smp for smp in batch if (model_name, length, task, smp.index,
+                                                         method.name) not in done]
                         if bar is not None:
-                            bar.set_postfix_str(f"{length} {task} #{sample.index} {method.name}")
-                        rec_key = (model_name, length, task, sample.index, method.name)
-                        if rec_key in done:
-                            if bar is not None:
-                                bar.update(1)
+                            bar.update(len(batch) - len(todo))
+                            bar.set_postfix_str(f"{length} {task} #{batch[0].index} {method.name}")
+                        if not todo:
                             continue
                         if time_limit_s is not None and time.time() - start > time_limit_s:
                             raise TimeoutError
-                        rec = _run_one(model, tokenizer, xt, method, prompt, sample, cfg, budget,
-                                       backend)
-                        rec.update(model=model_name, length=length, seed=seed)
+                        prompts = [ruler.build_prompt(smp, tokenizer, spec.chat) for smp in todo]
+                        recs = _run_batch(model, tokenizer, xt, method, prompts, todo, cfg,
+                                          budget, backend)
                         with open(out, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        done.add(rec_key)
-                        new_records.append(rec)
-                        if on_record is not None:
-                            on_record(rec)
+                            for rec in recs:
+                                rec.update(model=model_name, length=length, seed=seed)
+                                f.write(json.dumps(rec) + "\n")
+                        for rec in recs:
+                            done.add(_key(rec))
+                            new_records.append(rec)
+                            if on_record is not None:
+                                on_record(rec)
                         if bar is not None:
-                            bar.update(1)
+                            bar.update(len(todo))
     except TimeoutError:
         if bar is not None:
             bar.write(f"time limit reached after {len(new_records)} records; rerun to resume")
@@ -251,29 +302,48 @@ def _write_meta(out: Path, model_name: str, settings: dict[str, Any],
     meta_path.write_text(json.dumps(meta, indent=1))
 
 
-def _run_one(model: Any, tokenizer: Any, xt: Any, method: Method, prompt: str,
-             sample: ruler.Sample, cfg: ruler.TaskConfig, budget: int, backend: str
-             ) -> dict[str, Any]:
-    if method.is_full:
-        xt.disable(model)
+_PROFILES: dict[str, Any] = {}
+
+
+def _enable(xt: Any, model: Any, method: Method, backend: str) -> None:
+    if method.profile is not None:
+        if method.profile not in _PROFILES:
+            from ..calibration import ThresholdProfile
+
+            _PROFILES[method.profile] = ThresholdProfile.load(method.profile)
+        xt.enable(model, thresholds=_PROFILES[method.profile], backend=backend)
     else:
         xt.enable(model, threshold=method.threshold, stride=method.stride,
                   block_size=method.block_size, backend=backend)
+
+
+def _run_batch(model: Any, tokenizer: Any, xt: Any, method: Method, prompts: list[str],
+               samples: list[ruler.Sample], cfg: ruler.TaskConfig, budget: int, backend: str
+               ) -> list[dict[str, Any]]:
+    if method.is_full:
+        xt.disable(model)
+    else:
+        _enable(xt, model, method, backend)
         xt.reset_stats(model)
     t0 = time.perf_counter()
-    text, prompt_tokens, new_tokens = _answer(model, tokenizer, prompt, budget)
+    answers = _answer(model, tokenizer, prompts, budget)
     elapsed = time.perf_counter() - t0
-    pred = ruler.postprocess(text)
-    rec: dict[str, Any] = {
-        "task": sample.task, "index": sample.index, "method": method.name,
-        "method_spec": asdict(method),
-        "score": ruler.score_sample(cfg.metric, pred, sample.outputs),
-        "pred": pred, "outputs": sample.outputs,
-        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "time_s": round(elapsed, 3),
-        "density": 1.0, "layer_density": None,
-    }
+    density, layer_density = 1.0, None
     if not method.is_full:
         stats = xt.last_stats(model)
-        rec["density"] = stats.overall()
-        rec["layer_density"] = {str(k): round(v, 5) for k, v in stats.per_layer().items()}
-    return rec
+        density = stats.overall()
+        layer_density = {str(k): round(v, 5) for k, v in stats.per_layer().items()}
+    records = []
+    for sample, (text, prompt_tokens, new_tokens) in zip(samples, answers, strict=True):
+        pred = ruler.postprocess(text)
+        records.append({
+            "task": sample.task, "index": sample.index, "method": method.name,
+            "method_spec": asdict(method),
+            "score": ruler.score_sample(cfg.metric, pred, sample.outputs),
+            "pred": pred, "outputs": sample.outputs,
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "time_s": round(elapsed / len(samples), 3), "batch_size": len(samples),
+            "density": density, "layer_density": layer_density,
+            "density_scope": "sample" if len(samples) == 1 else "batch",
+        })
+    return records

@@ -657,7 +657,8 @@ def _sparse(state: _State, layer: int, query: torch.Tensor, key: torch.Tensor,
     out, mask = xattention(query, key, value, threshold=threshold, stride=state.stride,
                            block_size=state.block_size, causal=causal, scale=scaling,
                            backend=state.backend, return_mask=True)
-    _record(state, layer, mask, query.shape[2], key.shape[2], query.shape[1], causal)
+    _record(state, layer, mask, query.shape[2], key.shape[2], query.shape[1], causal,
+            batch=query.shape[0])
     return out
 
 
