@@ -53,6 +53,9 @@ for i in "${!JOBS[@]}"; do
     left=$(( (deadline - $(date +%s)) / 60 ))
     limit=$(( minutes < left ? minutes : left ))
     if [ ! -s "$needs" ] || [ "$limit" -lt 1 ]; then echo "## skip job $i (no time or input)"; continue; fi
+    if [[ $cmd == *calibrate* ]] && [ -s "$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$cmd")" ]; then
+        echo "## job $i done before"; continue
+    fi
     echo "## $(date +%T) job $i (limit ${limit} min): $cmd"
     if [[ $cmd == ruler* ]]; then eval "$cmd"; else timeout $((limit * 60)) $cmd; fi
     status=$?
