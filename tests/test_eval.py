@@ -98,6 +98,45 @@ def test_generate_samples(tokenizer, cache_dir):
                                                               cache_dir=cache_dir)]
 
 
+@needs_smollm2
+def test_tokenizer_is_checked_and_saved(tmp_path, monkeypatch):
+    from xattention.eval import models
+
+    monkeypatch.setenv("XATTENTION_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_gguf_vocab_size", lambda path: 12345)
+    with pytest.raises(RuntimeError, match="converted the smollm2 GGUF tokenizer wrongly"):
+        models.load_tokenizer("smollm2")
+    assert not (tmp_path / "tokenizers").exists()
+
+    monkeypatch.undo()
+    monkeypatch.setenv("XATTENTION_CACHE", str(tmp_path))
+    fresh = models.load_tokenizer("smollm2")  # from the GGUF, checked, then saved
+    assert (tmp_path / "tokenizers" / "smollm2-gguf" / "tokenizer.json").exists()
+    monkeypatch.setattr(models, "gguf_path", lambda name: pytest.fail("GGUF read again"))
+    saved = models.load_tokenizer("smollm2")
+    chat = [{"role": "user", "content": "Find the magic number: 42. What is it?"}]
+    for tok in (fresh, saved):
+        assert len(tok) == 49152
+    text = fresh.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert saved.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    assert saved(text).input_ids == fresh(text).input_ids
+
+
+def test_length_guard_warns_once():
+    from xattention.eval import runner
+
+    runner._WARNED.discard("m")
+    ok = [{"prompt_tokens": 900}]
+    runner._check_lengths(ok, 1024, 64, "m")  # fits: silent
+    with pytest.warns(UserWarning, match="not the one that generated"):
+        runner._check_lengths([{"prompt_tokens": 1500}], 1024, 64, "m")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner._check_lengths([{"prompt_tokens": 1500}], 1024, 64, "m")  # already warned
+
+
 @needs_ruler
 @needs_smollm2
 def test_generator_timeout_names_the_task(tokenizer, tmp_path, monkeypatch):

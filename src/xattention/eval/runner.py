@@ -23,10 +23,12 @@ counts, shared by the batch's records (``density_scope`` says which).
 
 from __future__ import annotations
 
+import gzip
 import json
 import platform
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ import torch
 
 from . import ruler
 
-__all__ = ["Method", "parse_methods", "run_suite", "machine_info", "read_records"]
+__all__ = ["Method", "parse_methods", "run_suite", "machine_info", "read_records", "meta_path"]
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,21 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL results file (missing file: empty list)."""
+    """All records of a JSONL results file, plain or gzipped (missing file: empty list)."""
     path = Path(path)
     if not path.exists():
         return []
-    with open(path) as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def meta_path(path: str | Path) -> Path:
+    """The ``.meta.json`` beside a results file (``x.jsonl`` or ``x.jsonl.gz``)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        path = path.with_suffix("")
+    return path.with_suffix(".meta.json")
 
 
 def _key(rec: dict[str, Any]) -> tuple:
@@ -271,6 +282,7 @@ def run_suite(
                         prompts = [ruler.build_prompt(smp, tokenizer, spec.chat) for smp in todo]
                         recs = _run_batch(model, tokenizer, xt, method, prompts, todo, cfg,
                                           budget, backend)
+                        _check_lengths(recs, length, budget, model_name)
                         with open(out, "a") as f:
                             for rec in recs:
                                 rec.update(model=model_name, length=length, seed=seed)
@@ -295,14 +307,26 @@ def run_suite(
 def _write_meta(out: Path, model_name: str, settings: dict[str, Any],
                 device: torch.device | str) -> None:
     """Record the machine and settings of this invocation next to the results."""
-    meta_path = out.with_suffix(".meta.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"runs": []}
+    meta_file = meta_path(out)
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"runs": []}
     meta["runs"].append({"model": model_name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                          "machine": machine_info(device), "settings": settings})
-    meta_path.write_text(json.dumps(meta, indent=1))
+    meta_file.write_text(json.dumps(meta, indent=1))
 
 
 _PROFILES: dict[str, Any] = {}
+_WARNED: set[str] = set()
+
+
+def _check_lengths(records: list[dict[str, Any]], length: int, budget: int, model: str) -> None:
+    """Warn (once per model) when prompts come out longer than the length they were made for:
+    the tokenizer then differs from the one that generated the samples."""
+    longest = max(r["prompt_tokens"] for r in records)
+    if longest + budget > 1.05 * length and model not in _WARNED:
+        _WARNED.add(model)
+        warnings.warn(f"{model}: a {length}-token sample tokenized to {longest} prompt tokens "
+                      f"(+{budget} to generate): the tokenizer is not the one that generated the "
+                      "samples, so scores are not comparable to other runs", stacklevel=3)
 
 
 def _enable(xt: Any, model: Any, method: Method, backend: str) -> None:
