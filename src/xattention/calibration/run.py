@@ -45,7 +45,11 @@ a head's error propagates through later layers. Densities depend on the context 
 contexts are sparser at the same threshold): calibrate at the length you serve, or expect the
 held-out numbers to describe ``seq_len`` only. Sliding-window layers (Gemma 3's local layers) are
 left to their own attention by the integration, so they are not calibrated (threshold 1.0 in the
-profile).
+profile). The budget only sees what the held-out text asks of the model: next-token KL on prose
+depends mostly on local attention, so a prose-calibrated profile may thin out the long-range
+heads that retrieval needs. On SmolLM2 the default (haystack prose, budget = uniform 0.9's KL)
+gave lower density but a worse RULER-style score than uniform 0.9 (``eval/results/README.md``):
+calibrate on text that exercises what you serve.
 
 Costs: step 2 is one dense forward plus one exact-attention pass per calibration window (the
 same FLOPs as the model's own attention, chunked per query block); step 4 is one forward per
