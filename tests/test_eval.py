@@ -98,6 +98,24 @@ def test_generate_samples(tokenizer, cache_dir):
                                                               cache_dir=cache_dir)]
 
 
+@needs_ruler
+@needs_smollm2
+def test_prepare_command_fills_the_cache(tmp_path, monkeypatch):
+    """`xattention eval prepare` leaves the samples where `eval ruler` looks for them."""
+    from xattention.cli import main
+    from xattention.eval import ruler
+    from xattention.eval.models import load_tokenizer
+
+    monkeypatch.setenv("XATTENTION_CACHE", str(tmp_path))
+    assert main(["eval", "prepare", "--model", "smollm2", "--lengths", "1024", "--samples", "1",
+                 "--tasks", "niah_single_1", "--seed", "5"]) == 0
+    assert (tmp_path / "tokenizers" / "smollm2-gguf" / "tokenizer.json").exists()
+    monkeypatch.setattr(ruler, "_run_generator", lambda *a, **k: pytest.fail("generated again"))
+    samples = ruler.generate_samples("niah_single_1", 1024, 1, load_tokenizer("smollm2"), seed=5,
+                                     chat=True)
+    assert len(samples) == 1 and samples[0].outputs[0] in samples[0].user
+
+
 @needs_smollm2
 def test_tokenizer_is_checked_and_saved(tmp_path, monkeypatch):
     from xattention.eval import models
