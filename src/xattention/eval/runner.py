@@ -154,7 +154,7 @@ def _answer(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: 
     """Greedy answers of a batch: ``(text, prompt tokens, generated tokens)`` per prompt."""
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last column
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # padded positions are masked out: any id will do
         tokenizer.pad_token = tokenizer.eos_token
     try:
         enc = tokenizer(list(prompts), return_tensors="pt", padding=len(prompts) > 1,
