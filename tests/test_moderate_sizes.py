@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from inputs import OUT_TOL, SCORE_TOL
+from inputs import OUT_TOL, SCORE_TOL, pick_config
 from reference import (
     cdiv,
     ref_block_scores,
@@ -29,10 +29,7 @@ ALL = sorted(set(TORCH_CASES) | set(TRITON_CASES))
 
 
 def _case(backend, name):
-    table = TORCH_CASES if backend == "torch" else TRITON_CASES
-    if name not in table:
-        pytest.skip(f"case {name} not run on {backend}")
-    return table[name]
+    return pick_config(TORCH_CASES, TRITON_CASES, backend, name)
 
 
 @pytest.mark.parametrize("name", ALL)

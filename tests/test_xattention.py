@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from inputs import ALL_DTYPES, DTYPE_IDS, OUT_TOL, skip_unsupported
+from inputs import ALL_DTYPES, DTYPE_IDS, OUT_TOL, pick_config, skip_unsupported
 from reference import (
     cdiv,
     ref_block_scores,
@@ -33,10 +33,7 @@ ALL_CASES = sorted(set(TORCH_CASES) | set(TRITON_CASES))
 
 
 def _case(backend, name):
-    table = TORCH_CASES if backend == "torch" else TRITON_CASES
-    if name not in table:
-        pytest.skip(f"case {name} not run on {backend}")
-    return table[name]
+    return pick_config(TORCH_CASES, TRITON_CASES, backend, name)
 
 
 def _xa(q, k, v, backend, S, Bs, **kw):
