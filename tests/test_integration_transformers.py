@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 xt = pytest.importorskip("xattention.integrations.transformers")
+from xattention import _backend  # noqa: E402  (after the importorskip above)
 
 BS = 64  # small blocks so that a few-hundred-token prompt has several blocks to drop
 
@@ -328,7 +329,7 @@ def test_unsupported_mask_falls_back_with_one_warning():
     mask4 = mask[None, None]
     ref = _logits(model, input_ids=ids, attention_mask=mask4)
     xt.enable(model, threshold=0.5, block_size=32, min_query_len=0, backend="torch")
-    xt._warned.clear()
+    _backend._warned.clear()
     with pytest.warns(RuntimeWarning, match="dense"):
         out = _logits(model, input_ids=ids, attention_mask=mask4)
     with warnings.catch_warnings():

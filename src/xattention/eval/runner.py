@@ -28,7 +28,6 @@ import json
 import platform
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .._backend import warn_once
 from . import ruler
 
 __all__ = ["Method", "parse_methods", "run_suite", "machine_info", "read_records", "meta_path"]
@@ -315,18 +315,13 @@ def _write_meta(out: Path, model_name: str, settings: dict[str, Any],
 
 
 _PROFILES: dict[str, Any] = {}
-_WARNED: set[str] = set()
-
-
 def _check_lengths(records: list[dict[str, Any]], length: int, budget: int, model: str) -> None:
     """Warn (once per model) when prompts come out longer than the length they were made for:
     the tokenizer then differs from the one that generated the samples."""
-    longest = max(r["prompt_tokens"] for r in records)
-    if longest + budget > 1.05 * length and model not in _WARNED:
-        _WARNED.add(model)
-        warnings.warn(f"{model}: a {length}-token sample tokenized to {longest} prompt tokens "
-                      f"(+{budget} to generate): the tokenizer is not the one that generated the "
-                      "samples, so scores are not comparable to other runs", stacklevel=3)
+    if max(r["prompt_tokens"] for r in records) + budget > 1.05 * length:
+        warn_once(f"{model}: prompts tokenize longer than the length their samples were generated "
+                  "for (see prompt_tokens in the records): the tokenizer is not the one that "
+                  "generated the samples, so scores are not comparable to other runs")
 
 
 def _enable(xt: Any, model: Any, method: Method, backend: str) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._backend import warn_once
 from ..api import xattention
 
 __all__ = [
@@ -68,13 +68,6 @@ _MASK_CHUNK_ELEMS = 1 << 26
 
 _registered = False
 _register_lock = threading.Lock()
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +304,7 @@ def _resolve_thresholds(model: torch.nn.Module, threshold: float, thresholds: An
         # a warning.
         if (stride, block_size) != (8, 128) and \
                 (thresholds.stride, thresholds.block_size) != (stride, block_size):
-            _warn_once(f"xattention: using the profile's stride={thresholds.stride}, "
+            warn_once(f"xattention: using the profile's stride={thresholds.stride}, "
                        f"block_size={thresholds.block_size} (calibrated with them) instead of "
                        f"stride={stride}, block_size={block_size}")
         stride, block_size = int(thresholds.stride), int(thresholds.block_size)
@@ -745,7 +738,7 @@ def xattention_attention_forward(
     else:
         out = _sparse_masked(state, layer, query, key, value, attention_mask, scaling, causal)
         if out is None:
-            _warn_once("xattention: this attention mask is not causal attention over one "
+            warn_once("xattention: this attention mask is not causal attention over one "
                        "contiguous span of keys per sequence (packed sequences or a custom 4D "
                        "mask?); those calls run dense attention")
             _record(state, layer, None, q_len, k_len, query.shape[1], causal, query.shape[0])
