@@ -137,17 +137,29 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
-    """Suite average per method and length (bars, density written on them), one panel a model."""
+def _panels(count: int, width: float, height: float) -> tuple[Any, Any, list[Any]]:
+    """``(plt, fig, axes)``: one row of ``count`` panels (at least one), headless backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(summary)
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(7 * max(1, len(models)), 4.5),
+    fig, axes = plt.subplots(1, max(1, count), figsize=(width * max(1, count), height),
                              squeeze=False)
-    for ax, model in zip(axes[0], models, strict=False):
+    return plt, fig, list(axes[0])
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
+    """Suite average per method and length (bars, density written on them), one panel a model."""
+    models = list(summary)
+    plt, fig, axes = _panels(len(models), 7, 4.5)
+    for ax, model in zip(axes, models, strict=False):
         by_length = summary[model]
         lengths = sorted(by_length, key=int)
         methods = sorted({m for e in by_length.values() for m in e}, key=_method_order)
@@ -172,25 +184,17 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
         ax.set_ylim(0, 105)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
     """Score change vs full attention against block density, one panel per (model, length):
     the trade-off every XAttention setting (and calibration profile) makes, error bars = SE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(model, length) for model in summary
               for length in sorted(summary[model], key=int)]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4),
-                             squeeze=False)
+    plt, fig, axes = _panels(len(panels), 4.6, 4)
     markers = {"8": "o", "16": "s"}
-    for ax, (model, length) in zip(axes[0], panels, strict=False):
+    for ax, (model, length) in zip(axes, panels, strict=False):
         for method, e in sorted(summary[model][length].items(),
                                 key=lambda kv: _method_order(kv[0])):
             if method == "full" or "delta_vs_full" not in e:
@@ -206,23 +210,15 @@ def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
         ax.set_title(f"{model} {int(length) // 1024}k")
         ax.grid(alpha=0.3)
     if panels:
-        axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        axes[0].legend(fontsize=7)
+    _save(plt, fig, path)
 
 
 def plot_layer_density(summary: dict[str, Any], path: str | Path) -> None:
     """Mean block density per layer, one line per (length, XAttention method)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(summary)
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(7 * max(1, len(models)), 4),
-                             squeeze=False)
-    for ax, model in zip(axes[0], models, strict=False):
+    plt, fig, axes = _panels(len(models), 7, 4)
+    for ax, model in zip(axes, models, strict=False):
         for length, entry in sorted(summary[model].items(), key=lambda kv: int(kv[0])):
             for method, e in entry.items():
                 layers = e.get("layer_density") or {}
@@ -237,9 +233,7 @@ def plot_layer_density(summary: dict[str, Any], path: str | Path) -> None:
         ax.set_title(f"{model}: density per layer (prefill)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _machines(result_files: Sequence[str | Path]) -> list[dict[str, Any]]:
