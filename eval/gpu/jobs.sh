@@ -63,15 +63,15 @@ for i in "${!JOBS[@]}"; do
     left=$(( (deadline - $(date +%s)) / 60 ))
     limit=$(( minutes < left ? minutes : left ))
     if [ ! -s "$needs" ] || [ "$limit" -lt 1 ]; then echo "## skip job $i (no time or input)"; continue; fi
-    if [[ $cmd == *calibrate* ]] && [ -s "$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$cmd")" ]; then
-        echo "## job $i done before"; continue
-    fi
+    produces=""  # a calibration's profile: skipped when there, flagged when it fails
+    [[ $cmd == *"xattention calibrate"* ]] && produces=$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$cmd")
+    if [ -n "$produces" ] && [ -s "$produces" ]; then echo "## job $i done before"; continue; fi
     echo "## $(date +%T) job $i (limit ${limit} min): $cmd"
     if [[ $cmd == ruler* ]]; then eval "$cmd"; else timeout $((limit * 60)) $cmd; fi
     status=$?
     echo "## $(date +%T) job $i exit $status"
-    if [ "$status" != 0 ] && [[ $cmd == *calibrate* ]]; then  # release the jobs waiting on it
-        touch "$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$cmd").failed"
+    if [ "$status" != 0 ] && [ -n "$produces" ]; then  # release the jobs waiting on it
+        touch "$produces.failed"
     fi
 done
 echo "## worker $worker done $(date +%T)"
