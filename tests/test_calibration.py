@@ -86,15 +86,20 @@ def test_dp_matches_brute_force_on_grid_costs(case):
     assert res.cost <= budget_real + 1e-12
 
 
-@pytest.mark.parametrize("case", range(12))
-def test_dp_real_costs_within_stated_slack(case):
-    rng = np.random.default_rng(100 + case)
+def _random_problem(seed):
+    """Random curves (recall floor 0.85, dense option always feasible) and a budget in range."""
+    rng = np.random.default_rng(seed)
     n, t = int(rng.integers(2, 6)), int(rng.integers(2, 6))
     d, c, recall = random_curves(rng, n, t)
     feasible = recall >= 0.85
     feasible[:, 0] = True
     lo, hi = cost_range(c, feasible, d)
-    budget = float(rng.uniform(lo, hi))
+    return n, d, c, feasible, float(rng.uniform(lo, hi))
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_dp_real_costs_within_stated_slack(case):
+    n, d, c, feasible, budget = _random_problem(100 + case)
     k = 50
     res = solve_dp(d, c, budget, feasible, resolution=k)
     opt, _ = brute_force(d, c, budget, feasible)
@@ -107,13 +112,7 @@ def test_dp_real_costs_within_stated_slack(case):
 
 @pytest.mark.parametrize("case", range(12))
 def test_lagrangian_feasible_and_within_its_gap(case):
-    rng = np.random.default_rng(200 + case)
-    n, t = int(rng.integers(2, 6)), int(rng.integers(2, 6))
-    d, c, recall = random_curves(rng, n, t)
-    feasible = recall >= 0.85
-    feasible[:, 0] = True
-    lo, hi = cost_range(c, feasible, d)
-    budget = float(rng.uniform(lo, hi))
+    n, d, c, feasible, budget = _random_problem(200 + case)
     res = solve_lagrangian(d, c, budget, feasible)
     opt, _ = brute_force(d, c, budget, feasible)
     assert res.cost <= budget * (1 + 1e-9) + 1e-12
