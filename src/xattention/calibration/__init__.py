@@ -8,9 +8,9 @@ solved by DP over heads), verifies the choice end to end on held-out text and re
 versioned ``ThresholdProfile`` that ``integrations.transformers.enable(model, thresholds=...)``
 accepts.
 
-Modules: ``profile`` (the JSON profile), ``measure`` (curves from q/k/v), ``optimize`` (the
-knapsack solvers), ``run`` (the procedure, documented step by step) and ``cli``
-(``xattention calibrate``).
+Modules: ``profile`` (the JSON profile), ``data`` (prose windows, or retrieval prompts with
+their answers), ``measure`` (curves from q/k/v), ``optimize`` (the knapsack solvers), ``run``
+(the procedure, documented step by step) and ``cli`` (``xattention calibrate``).
 
 >>> from xattention.calibration import ThresholdProfile
 >>> p = ThresholdProfile(thresholds=[[0.9, 0.5], [1.0, 0.7]], model_id="toy")
@@ -21,10 +21,18 @@ tensor([1.0000, 0.7000])
 from __future__ import annotations
 
 from .cli import register_cli
+from .data import RETRIEVAL_TASKS, CalibrationWindow, retrieval_windows
 from .measure import CurveSums, measure_layer
 from .optimize import Allocation, solve, solve_dp, solve_lagrangian
 from .profile import PROFILE_FORMAT, PROFILE_VERSION, ThresholdProfile, load_thresholds
-from .run import calibrate, default_grid, load_haystack, threshold_grid, token_windows
+from .run import (
+    Calibrator,
+    calibrate,
+    default_grid,
+    load_haystack,
+    threshold_grid,
+    token_windows,
+)
 
 __all__ = [
     "ThresholdProfile",
@@ -34,8 +42,12 @@ __all__ = [
     "calibrate",
     "threshold_grid",
     "default_grid",
+    "Calibrator",
     "token_windows",
     "load_haystack",
+    "retrieval_windows",
+    "CalibrationWindow",
+    "RETRIEVAL_TASKS",
     "measure_layer",
     "CurveSums",
     "Allocation",

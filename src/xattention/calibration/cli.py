@@ -5,6 +5,11 @@ Example::
     xattention calibrate --model smollm2 --out smollm2_profile.json \\
         --seq-len 4096 --calib-windows 2 --heldout-windows 1 --min-recall 0.8 \\
         --reference-threshold 0.9
+
+    # retrieval windows: 24 needle prompts calibrate, 24 others verify (samples cached by
+    # `xattention eval prepare --model smollm2 --lengths 4096 --samples 6 --seed 0 --tasks ...`)
+    xattention calibrate --model smollm2 --data retrieval --calib-windows 24 \\
+        --heldout-windows 24 --out smollm2_retrieval.json
 """
 
 from __future__ import annotations
@@ -27,13 +32,20 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--model", required=True,
                    help="'smollm2', 'gemma3', a model directory, or a .gguf file")
     p.add_argument("--out", required=True, help="where to write the profile (JSON)")
+    p.add_argument("--data", choices=("prose", "retrieval"), default="prose",
+                   help="prose: windows of running text, KL on their last --eval-tokens; "
+                        "retrieval: RULER-style needle prompts with their answers, KL and "
+                        "curves on the answer tokens (default: prose)")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="RULER tasks of the retrieval windows (default: the NIAH family and vt)")
     p.add_argument("--text", action="append", default=None, metavar="FILE",
                    help="calibration text file (repeatable); default: the Paul Graham haystack")
     p.add_argument("--heldout-text", action="append", default=None, metavar="FILE",
                    help="held-out text file (repeatable); default: other windows of --text")
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per window")
+    p.add_argument("--seq-len", type=int, default=4096,
+                   help="tokens per window (retrieval: the prompt length of the tasks)")
     p.add_argument("--calib-windows", type=int, default=2)
     p.add_argument("--heldout-windows", type=int, default=1)
     p.add_argument("--eval-tokens", type=int, default=1024,
@@ -65,7 +77,9 @@ def register_cli(subparsers: Any) -> None:
                    help="extra bisection probes after the ladder search")
     p.add_argument("--layers", default=None,
                    help="comma-separated layers to calibrate (others stay dense)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="window choice / retrieval generator seed (keep it apart from the "
+                        "evaluation's 42)")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     p.add_argument("--no-progress", action="store_true")
@@ -133,9 +147,14 @@ def _main(args: argparse.Namespace) -> int:
 
     model, tok, model_id = load_model_and_tokenizer(args.model, args.device)
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
+    chat = None
+    if args.model in ("smollm2", "gemma3"):  # prompt them as the evaluation does
+        from ..eval.models import MODELS
+
+        chat = MODELS[args.model].chat
     profile = calibrate(
         model, tok, _read(args.text),
-        heldout_texts=_read(args.heldout_text),
+        heldout_texts=_read(args.heldout_text), data=args.data, tasks=args.tasks, chat=chat,
         stride=args.stride, block_size=args.block_size, seq_len=args.seq_len,
         calib_windows=args.calib_windows, heldout_windows=args.heldout_windows,
         eval_tokens=args.eval_tokens, min_recall=args.min_recall, max_kl=args.max_kl,

