@@ -38,7 +38,7 @@ OUT = Path("eval/results/calibration")
 
 # --------------------------------------------------------------------------------------------
 def phase_calib(args: argparse.Namespace, model: Any, tok: Any) -> None:
-    cal = Calibrator(model, tok, None, stride=args.stride, block_size=args.block_size,
+    cal = Calibrator(model, tok, None, data="prose", stride=args.stride, block_size=args.block_size,
                      seq_len=args.seq_len, calib_windows=args.calib_windows,
                      heldout_windows=args.heldout_windows, eval_tokens=args.eval_tokens,
                      seed=args.seed, progress=False)

@@ -564,4 +564,20 @@ def test_calibrate_on_retrieval_windows(smollm2_tokenizer, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="data must be"):
         calibrate(model, tok, data="needles", log=None, progress=False)
     with pytest.raises(ValueError, match="tasks are for"):
-        calibrate(model, tok, tasks=["vt"], log=None, progress=False)
+        calibrate(model, tok, data="prose", tasks=["vt"], log=None, progress=False)
+
+
+def test_calibration_windows_defaults_follow_the_data():
+    """Own text means prose (2 + 1 windows scored on their last eval_tokens); counts are checked."""
+    from xattention.calibration.run import calibration_windows
+
+    tok = CharTokenizer()
+    kw = dict(tasks=None, chat=None, seq_len=256, calib_windows=None, heldout_windows=None,
+              eval_tokens=100, seed=0)
+    calib, held, data, source = calibration_windows(tok, None, _text(), None, **kw)
+    assert (data, source, len(calib), len(held)) == ("prose", "user", 2, 1)
+    assert all(w.scored == 100 and w.rows is None for w in calib + held)
+    with pytest.raises(ValueError, match="calib_windows must be an int >= 1"):
+        calibration_windows(tok, "prose", _text(), None, **{**kw, "calib_windows": 0})
+    with pytest.raises(ValueError, match="heldout_windows must be an int >= 0"):
+        calibration_windows(tok, "prose", _text(), None, **{**kw, "heldout_windows": -1})

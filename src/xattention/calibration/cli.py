@@ -2,14 +2,14 @@
 
 Example::
 
-    xattention calibrate --model smollm2 --out smollm2_profile.json \\
-        --seq-len 4096 --calib-windows 2 --heldout-windows 1 --min-recall 0.8 \\
-        --reference-threshold 0.9
+    # retrieval windows (the default): 32 needle prompts calibrate, 32 others verify; budget:
+    # the answer-token KL of uniform 0.9 (this is how eval/results/h200/ profiles were made)
+    xattention calibrate --model smollm2 --calib-windows 32 --heldout-windows 32 \\
+        --reference-threshold 0.9 --out smollm2_profile.json
 
-    # retrieval windows: 24 needle prompts calibrate, 24 others verify (samples cached by
-    # `xattention eval prepare --model smollm2 --lengths 4096 --samples 6 --seed 0 --tasks ...`)
-    xattention calibrate --model smollm2 --data retrieval --calib-windows 24 \\
-        --heldout-windows 24 --out smollm2_retrieval.json
+    # prose windows of the haystack, KL on their last 1024 tokens
+    xattention calibrate --model smollm2 --data prose --seq-len 4096 --calib-windows 2 \\
+        --heldout-windows 1 --out smollm2_prose_profile.json
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--model", required=True,
                    help="'smollm2', 'gemma3', a model directory, or a .gguf file")
     p.add_argument("--out", required=True, help="where to write the profile (JSON)")
-    p.add_argument("--data", choices=("prose", "retrieval"), default="prose",
-                   help="prose: windows of running text, KL on their last --eval-tokens; "
-                        "retrieval: RULER-style needle prompts with their answers, KL and "
-                        "curves on the answer tokens (default: prose)")
+    p.add_argument("--data", choices=("prose", "retrieval"), default=None,
+                   help="retrieval: RULER-style needle prompts with their answers, KL and "
+                        "curves on the answer tokens; prose: windows of running text, KL on "
+                        "their last --eval-tokens (default: prose with --text, else retrieval)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="RULER tasks of the retrieval windows (default: the NIAH family and vt)")
     p.add_argument("--text", action="append", default=None, metavar="FILE",
@@ -46,8 +46,10 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=4096,
                    help="tokens per window (retrieval: the prompt length of the tasks)")
-    p.add_argument("--calib-windows", type=int, default=2)
-    p.add_argument("--heldout-windows", type=int, default=1)
+    p.add_argument("--calib-windows", type=int, default=None,
+                   help="windows to calibrate on (default: 2 prose / 16 retrieval)")
+    p.add_argument("--heldout-windows", type=int, default=None,
+                   help="windows to verify on (default: 1 prose / 16 retrieval)")
     p.add_argument("--eval-tokens", type=int, default=1024,
                    help="held-out KL/loss over the last this-many positions")
     g = p.add_argument_group("budget")

@@ -19,7 +19,8 @@ Procedure (the reasoning behind each step):
    ladder from 0.9 down plus 1.0 = dense and finer steps between 0.9 and 1) we measure, exactly as
    at inference, the block density, and against exact attention the recall of the true attention
    mass and the relative error of the head's output (``measure.py``; retrieval windows: on the
-   answer-predicting rows only, density on the whole window). Exact attention is the truth: recall and output error are what the sparsity actually costs, not what the estimate
+   answer-predicting rows only, density on the whole window). Exact attention is the truth:
+   recall and output error are what the sparsity actually costs, not what the estimate
    believes it costs.
 3. **Optimise.** Heads whose recall at a threshold falls below ``min_recall`` lose that option.
    Among the rest we minimise the summed density subject to a bound ``B`` on the summed output
@@ -343,27 +344,44 @@ def _to_nested(choice, grid, keys, n_layers, n_heads, fill=1.0) -> list[list[flo
     return th
 
 
+# Default (calibration, held-out) window counts per kind of data.
+WINDOWS = {"prose": (2, 1), "retrieval": (16, 16)}
+
+
 def calibration_windows(
     tokenizer: Any,
-    data: str,
+    data: str | None,
     texts: str | Sequence[str] | None,
     heldout_texts: str | Sequence[str] | None,
     *,
     tasks: Sequence[str] | None,
     chat: bool | None,
     seq_len: int,
-    calib_windows: int,
-    heldout_windows: int,
+    calib_windows: int | None,
+    heldout_windows: int | None,
     eval_tokens: int,
     seed: int,
-) -> tuple[list[CalibrationWindow], list[CalibrationWindow], str]:
-    """Step 1: the calibration and held-out windows and a name for where they come from.
+) -> tuple[list[CalibrationWindow], list[CalibrationWindow], str, str]:
+    """Step 1: the calibration and held-out windows, the kind of data (``"prose"`` or
+    ``"retrieval"``) and a name for where they come from.
 
     ``data="prose"``: windows of ``texts`` (the haystack when None), scored on their last
     ``eval_tokens`` positions. ``data="retrieval"``: RULER-style prompts with answers
     (``retrieval_windows``), round-robin over ``tasks``; the first ``calib_windows`` calibrate
     and the next ``heldout_windows`` verify, so both cover every task and share no prompt.
+    ``data=None``: prose when texts are given, retrieval otherwise.
     """
+    if data is None:
+        data = "prose" if texts is not None or heldout_texts is not None else "retrieval"
+    # Answers are a few tokens each, prose windows are scored on ``eval_tokens``: retrieval
+    # needs many more windows for the same statistical weight.
+    default = WINDOWS.get(data, (1, 1))
+    calib_windows = default[0] if calib_windows is None else calib_windows
+    heldout_windows = default[1] if heldout_windows is None else heldout_windows
+    for name, value, least in (("calib_windows", calib_windows, 1),
+                               ("heldout_windows", heldout_windows, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if data == "retrieval":
         if texts is not None or heldout_texts is not None:
             raise ValueError("texts / heldout_texts are for data='prose'; retrieval windows are "
@@ -376,7 +394,7 @@ def calibration_windows(
         if len(windows) < total:
             raise ValueError(f"only {len(windows)} retrieval windows for {total} requested")
         source = f"ruler-retrieval(seed={seed}; {','.join(tasks)})"
-        return windows[:calib_windows], windows[calib_windows:total], source
+        return windows[:calib_windows], windows[calib_windows:total], "retrieval", source
     if data != "prose":
         raise ValueError(f"data must be 'prose' or 'retrieval', got {data!r}")
     if tasks is not None:
@@ -397,7 +415,7 @@ def calibration_windows(
     else:
         held = wrap(token_windows(tokenizer, texts, seq_len, heldout_windows, seed=seed,
                                   skip=calib_windows))
-    return calib, held, source
+    return calib, held, "prose", source
 
 
 class Calibrator:
@@ -418,14 +436,14 @@ class Calibrator:
         texts: str | Sequence[str] | None = None,
         *,
         heldout_texts: str | Sequence[str] | None = None,
-        data: str = "prose",
+        data: str | None = None,
         tasks: Sequence[str] | None = None,
         chat: bool | None = None,
         stride: int = 8,
         block_size: int = 128,
         seq_len: int = 4096,
-        calib_windows: int = 2,
-        heldout_windows: int = 1,
+        calib_windows: int | None = None,
+        heldout_windows: int | None = None,
         eval_tokens: int = 1024,
         grid: Sequence[float] | None = None,
         proxy: str = "output_error",
@@ -445,8 +463,7 @@ class Calibrator:
             raise ValueError(f"grid must be non-empty thresholds > 0, got {grid}")
         if proxy not in ("output_error", "lost_mass"):
             raise ValueError(f"proxy must be 'output_error' or 'lost_mass', got {proxy!r}")
-        for name, value in (("seq_len", seq_len), ("calib_windows", calib_windows),
-                            ("eval_tokens", eval_tokens)):
+        for name, value in (("seq_len", seq_len), ("eval_tokens", eval_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -463,15 +480,14 @@ class Calibrator:
         self.grid, self.proxy, self.seed, self.backend = grid, proxy, seed, backend
         self.progress, self.eval_tokens = progress, eval_tokens
         model.eval()
-        self.calib, self.held, self.text_source = calibration_windows(
+        self.calib, self.held, self.data, self.text_source = calibration_windows(
             tokenizer, data, texts, heldout_texts, tasks=tasks, chat=chat, seq_len=seq_len,
             calib_windows=calib_windows, heldout_windows=heldout_windows,
             eval_tokens=eval_tokens, seed=seed)
-        self.data = data
         self._heldout: _HeldOut | None = None
         self.curves_seconds = 0.0
-        self.say(f"calibrate: layers {self.layers} x {self.n_heads} heads, {calib_windows} "
-                 f"{data} windows of ~{seq_len} tokens, grid of {len(grid)} thresholds")
+        self.say(f"calibrate: layers {self.layers} x {self.n_heads} heads, {len(self.calib)} "
+                 f"{self.data} windows of ~{seq_len} tokens, grid of {len(grid)} thresholds")
         t0 = time.time()
         self.sums = measure_curves(model, self.calib, grid, layers=self.layers, stride=stride,
                                    block_size=block_size, backend=backend, progress=progress)
@@ -655,14 +671,14 @@ def calibrate(
     texts: str | Sequence[str] | None = None,
     *,
     heldout_texts: str | Sequence[str] | None = None,
-    data: str = "prose",
+    data: str | None = None,
     tasks: Sequence[str] | None = None,
     chat: bool | None = None,
     stride: int = 8,
     block_size: int = 128,
     seq_len: int = 4096,
-    calib_windows: int = 2,
-    heldout_windows: int = 1,
+    calib_windows: int | None = None,
+    heldout_windows: int | None = None,
     eval_tokens: int = 1024,
     min_recall: float = 0.8,
     max_kl: float | None = None,
@@ -690,15 +706,18 @@ def calibrate(
         tokenizer: its tokenizer.
         texts: calibration text(s) for ``data="prose"``; the Paul Graham haystack when None.
         heldout_texts: verification text(s); disjoint windows of ``texts`` when None.
-        data: ``"prose"`` (windows of running text, scored on their last ``eval_tokens``
-            positions) or ``"retrieval"`` (RULER-style needle prompts with their answers, scored
-            on the answer tokens: see ``calibration.data``).
+        data: ``"retrieval"`` (RULER-style needle prompts with their answers, scored on the
+            answer tokens: see ``calibration.data``) or ``"prose"`` (windows of running text,
+            scored on their last ``eval_tokens`` positions). Default: prose when ``texts`` are
+            given, retrieval otherwise (on the suite, retrieval profiles held their score where
+            prose ones lost 3-4 points: ``eval/results/README.md``).
         tasks: RULER tasks of the retrieval windows (default ``RETRIEVAL_TASKS``).
         chat: format retrieval prompts with the chat template (default: when the tokenizer has
             one).
         stride, block_size: XAttention parameters the profile is made for.
-        seq_len: tokens per window (retrieval: the prompt length the tasks are generated for);
-            ``calib_windows`` / ``heldout_windows`` windows are used.
+        seq_len: tokens per window (retrieval: the prompt length the tasks are generated for).
+        calib_windows, heldout_windows: windows to calibrate on / verify on (default: 2 / 1 of
+            prose, 16 / 16 retrieval prompts).
         eval_tokens: prose: held-out KL and loss are averaged over the last this-many positions.
         min_recall: per-head floor on the mean recall of true attention mass.
         max_kl: bound on held-out mean KL(dense || sparse) per token (nats).

@@ -137,16 +137,22 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _panels(count: int, width: float, height: float) -> tuple[Any, Any, list[Any]]:
-    """``(plt, fig, axes)``: one row of ``count`` panels (at least one), headless backend."""
+def _panels(count: int, width: float, height: float, rows: int = 1
+            ) -> tuple[Any, Any, list[Any]]:
+    """``(plt, fig, axes)``: ``count`` panels (at least one) in ``rows`` rows, filled row by
+    row (unused cells hidden), headless backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, max(1, count), figsize=(width * max(1, count), height),
-                             squeeze=False)
-    return plt, fig, list(axes[0])
+    rows = max(1, rows)
+    cols = max(1, math.ceil(count / rows))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[max(1, count):]:
+        ax.axis("off")
+    return plt, fig, flat
 
 
 def _save(plt: Any, fig: Any, path: str | Path) -> None:
@@ -188,29 +194,41 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
-    """Score change vs full attention against block density, one panel per (model, length):
-    the trade-off every XAttention setting (and calibration profile) makes, error bars = SE."""
-    panels = [(model, length) for model in summary
-              for length in sorted(summary[model], key=int)]
-    plt, fig, axes = _panels(len(panels), 4.6, 4)
+    """Score change vs full attention against block density: one row of panels per model, one
+    panel per length; the trade-off every XAttention setting (and calibration profile) makes.
+    Error bars = SE of the paired difference; a method has the same colour in every panel."""
+    models = list(summary)
+    lengths = {m: sorted(summary[m], key=int) for m in models}
+    cols = max((len(v) for v in lengths.values()), default=1)
+    plt, fig, axes = _panels(cols * max(1, len(models)), 4.6, 4, rows=len(models))
+    methods = sorted({m for model in models for e in summary[model].values() for m in e
+                      if m != "full"}, key=_method_order)
+    cmap = plt.get_cmap("tab10")
+    color = {m: cmap(i % 10) for i, m in enumerate(methods)}
     markers = {"8": "o", "16": "s"}
-    for ax, (model, length) in zip(axes, panels, strict=False):
-        for method, e in sorted(summary[model][length].items(),
-                                key=lambda kv: _method_order(kv[0])):
-            if method == "full" or "delta_vs_full" not in e:
+    for r, model in enumerate(models):
+        for c in range(cols):
+            ax = axes[r * cols + c]
+            if c >= len(lengths[model]):
+                ax.axis("off")
                 continue
-            stride = method.rsplit("-s", 1)[-1] if method.startswith("xattn-") else None
-            ax.errorbar(e["density"], e["delta_vs_full"], yerr=e.get("delta_se", 0),
-                        fmt=markers.get(stride, "*"), markersize=7 if stride else 12,
-                        capsize=3, label=method)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.axhspan(-1, 1, color="green", alpha=0.08)  # the "within 1 point" target
-        ax.set_xlabel("block density (1 = dense)")
-        ax.set_ylabel("score - full attention (points)")
-        ax.set_title(f"{model} {int(length) // 1024}k")
-        ax.grid(alpha=0.3)
-    if panels:
-        axes[0].legend(fontsize=7)
+            length = lengths[model][c]
+            for method, e in sorted(summary[model][length].items(),
+                                    key=lambda kv: _method_order(kv[0])):
+                if method == "full" or "delta_vs_full" not in e:
+                    continue
+                stride = method.rsplit("-s", 1)[-1] if method.startswith("xattn-") else None
+                ax.errorbar(e["density"], e["delta_vs_full"], yerr=e.get("delta_se", 0),
+                            fmt=markers.get(stride, "*"), markersize=7 if stride else 12,
+                            capsize=3, label=method, color=color[method])
+            ax.axhline(0, color="black", lw=0.8)
+            ax.axhspan(-1, 1, color="green", alpha=0.08)  # the "within 1 point" target
+            ax.set_xlabel("block density (1 = dense)")
+            ax.set_ylabel("score - full attention (points)")
+            ax.set_title(f"{model} {int(length) // 1024}k")
+            ax.grid(alpha=0.3)
+            if c == 0:
+                ax.legend(fontsize=7)
     _save(plt, fig, path)
 
 
