@@ -581,3 +581,101 @@ def test_calibration_windows_defaults_follow_the_data():
         calibration_windows(tok, "prose", _text(), None, **{**kw, "calib_windows": 0})
     with pytest.raises(ValueError, match="heldout_windows must be an int >= 0"):
         calibration_windows(tok, "prose", _text(), None, **{**kw, "heldout_windows": -1})
+
+
+class BosTokenizer:
+    """Characters as tokens; the literal "<s>" at the start is the BOS token (id 1), as a chat
+    template's BOS is for a real tokenizer."""
+
+    bos_token, bos_token_id, chat_template = "<s>", 1, None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [1] if add_special_tokens else []
+        if text.startswith("<s>"):
+            ids.append(1)
+            text = text[3:]
+        return {"input_ids": ids + [ord(c) + 2 for c in text]}
+
+
+def _fake_ruler(monkeypatch, calls=None):
+    """Replace the RULER generators by a deterministic fake (no optional packages needed)."""
+    from xattention.eval import ruler
+
+    def generate_samples(task, length, num_samples, tokenizer, *, seed=42, chat=False,
+                         cache_dir=None, log=None):
+        if calls is not None:
+            calls.append((task, length, num_samples, seed, chat))
+        return [ruler.Sample(task=task, index=i, user=f"filler {task} key {seed}-{i} filler.",
+                             answer_prefix=" The value is", outputs=[f"{i}{seed}", "77"],
+                             length=length) for i in range(num_samples)]
+
+    def build_prompt(sample, tokenizer, chat):
+        return ("<s>[user] " if chat else "") + sample.user + sample.answer_prefix
+
+    monkeypatch.setattr(ruler, "generate_samples", generate_samples)
+    monkeypatch.setattr(ruler, "build_prompt", build_prompt)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_retrieval_windows_answer_span_and_single_bos(monkeypatch, chat):
+    from xattention.calibration import retrieval_windows
+
+    _fake_ruler(monkeypatch)
+    tok = BosTokenizer()
+    windows = retrieval_windows(tok, 512, 2, tasks=("a", "b", "c"), seed=9, chat=chat)
+    assert [w.source for w in windows] == ["a#0", "b#0", "c#0", "a#1", "b#1", "c#1"]
+    for w in windows:
+        ids = w.ids.tolist()
+        assert ids[0] == 1 and ids[1] != 1  # exactly one BOS, chat template or not
+        answer = "".join(chr(t - 2) for t in ids[-w.scored:])
+        assert answer == f" {w.source[-1]}9, 77"
+        assert w.rows == (len(ids) - w.scored - 1, len(ids) - 1)
+    with pytest.raises(TypeError, match="tasks"):
+        retrieval_windows(tok, 512, 2, tasks="vt")
+    with pytest.raises(ValueError, match="length"):
+        retrieval_windows(tok, 0, 2)
+    with pytest.raises(TypeError, match="chat"):
+        retrieval_windows(tok, 512, 2, chat="yes")
+
+
+def test_calibration_windows_retrieval_split(monkeypatch):
+    """No text means retrieval: samples per task = ceil(total / tasks), the calibration and
+    held-out windows share no prompt, and too few samples is an error naming the counts."""
+    from xattention.calibration.run import calibration_windows
+
+    calls = []
+    _fake_ruler(monkeypatch, calls)
+    tok = BosTokenizer()
+    kw = dict(tasks=["a", "b", "c"], chat=False, seq_len=512, eval_tokens=100, seed=4)
+    calib, held, data, source = calibration_windows(tok, None, None, None, calib_windows=4,
+                                                    heldout_windows=3, **kw)
+    assert data == "retrieval" and source.startswith("ruler-retrieval(seed=4")
+    assert {c[2] for c in calls} == {3} and [c[0] for c in calls] == ["a", "b", "c"]
+    assert [w.source for w in calib] == ["a#0", "b#0", "c#0", "a#1"]
+    assert [w.source for w in held] == ["b#1", "c#1", "a#2"]
+    assert all(w.focus for w in calib + held)
+    calls.clear()
+    calib, held, _, _ = calibration_windows(tok, "retrieval", None, None, calib_windows=None,
+                                            heldout_windows=None, **kw)
+    assert (len(calib), len(held)) == (16, 16) and calls[0][2] == 11
+    with pytest.raises(ValueError, match="prose"):
+        calibration_windows(tok, "retrieval", "text", None, calib_windows=1, heldout_windows=0,
+                            **kw)
+    with pytest.raises(ValueError, match="data must be"):
+        calibration_windows(tok, "needles", None, None, calib_windows=0, heldout_windows=0, **kw)
+
+
+def test_window_and_rows_types():
+    from xattention.calibration import CalibrationWindow
+
+    with pytest.raises(TypeError, match="ids"):
+        CalibrationWindow([1, 2, 3], scored=1)
+    with pytest.raises(TypeError, match="ids"):
+        CalibrationWindow(torch.rand(5), scored=1)
+    with pytest.raises(TypeError, match="scored"):
+        CalibrationWindow(torch.arange(5), scored=True)
+    q = torch.randn(1, 2, 40, 8)
+    k = v = torch.randn(1, 2, 40, 8)
+    for bad in [(1.5, 30), (1, 2, 3), 5]:
+        with pytest.raises(TypeError, match="rows"):
+            measure_layer(q, k, v, [1.0, 0.5], stride=4, block_size=16, backend="torch", rows=bad)

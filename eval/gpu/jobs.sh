@@ -62,9 +62,12 @@ ruler() {  # ruler MODEL LENGTH BATCH [--tag T] ARGS...  (time limit in $limit m
         else args+=("$a"); fi
     done
     # One writer per file: a run without the grid holds one profile and gets its own file, as
-    # does a tagged run.
+    # does a tagged run. Without the grid and without its profile there is nothing to run.
     local out=$R/$model-$length$tag.jsonl
-    [[ " ${args[*]} " == *" --no-grid "* ]] && out=$R/$model-$length-$label.jsonl
+    if [[ " ${args[*]} " == *" --no-grid "* ]]; then
+        [ -n "$label" ] || { echo "## skip: no profile, no grid"; return 0; }
+        out=$R/$model-$length-$label.jsonl
+    fi
     python3 -m xattention eval ruler --model "$model" --lengths "$length" --samples "$n" \
         --batch-size "$batch" --device cuda --dtype bfloat16 --backend triton \
         --time-limit "$limit" --out "$out" "${args[@]}"
@@ -87,6 +90,7 @@ for i in "${!JOBS[@]}"; do
     produces=""  # a calibration's profile: skipped when there, flagged when it fails
     [[ $cmd == *"xattention calibrate"* ]] && produces=$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$cmd")
     if [ -n "$produces" ] && [ -s "$produces" ]; then echo "## job $i done before"; continue; fi
+    [ -n "$produces" ] && rm -f "$produces.failed"  # a retry: waiting jobs wait for it again
     echo "## $(date +%T) job $i (limit ${limit} min): $cmd"
     if [[ $cmd == ruler* ]]; then eval "$cmd"; else timeout $((limit * 60)) $cmd; fi
     status=$?

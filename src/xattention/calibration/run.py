@@ -77,6 +77,7 @@ import torch
 from .data import (
     RETRIEVAL_TASKS,
     CalibrationWindow,
+    check_tasks,
     load_haystack,
     retrieval_windows,
     token_windows,
@@ -368,14 +369,17 @@ def calibration_windows(
     ``data="prose"``: windows of ``texts`` (the haystack when None), scored on their last
     ``eval_tokens`` positions. ``data="retrieval"``: RULER-style prompts with answers
     (``retrieval_windows``), round-robin over ``tasks``; the first ``calib_windows`` calibrate
-    and the next ``heldout_windows`` verify, so both cover every task and share no prompt.
+    and the next ``heldout_windows`` verify. The two share no prompt, and each covers the tasks
+    as evenly as its count allows (every task when the count is a multiple of their number).
     ``data=None``: prose when texts are given, retrieval otherwise.
     """
     if data is None:
         data = "prose" if texts is not None or heldout_texts is not None else "retrieval"
+    if data not in WINDOWS:
+        raise ValueError(f"data must be 'prose' or 'retrieval', got {data!r}")
     # Answers are a few tokens each, prose windows are scored on ``eval_tokens``: retrieval
     # needs many more windows for the same statistical weight.
-    default = WINDOWS.get(data, (1, 1))
+    default = WINDOWS[data]
     calib_windows = default[0] if calib_windows is None else calib_windows
     heldout_windows = default[1] if heldout_windows is None else heldout_windows
     for name, value, least in (("calib_windows", calib_windows, 1),
@@ -386,7 +390,7 @@ def calibration_windows(
         if texts is not None or heldout_texts is not None:
             raise ValueError("texts / heldout_texts are for data='prose'; retrieval windows are "
                              "generated from the RULER tasks")
-        tasks = list(RETRIEVAL_TASKS if tasks is None else tasks)
+        tasks = check_tasks(RETRIEVAL_TASKS if tasks is None else tasks)
         total = calib_windows + heldout_windows
         per_task = -(-total // max(len(tasks), 1))
         windows = retrieval_windows(tokenizer, seq_len, per_task, tasks=tasks, seed=seed,
@@ -395,26 +399,26 @@ def calibration_windows(
             raise ValueError(f"only {len(windows)} retrieval windows for {total} requested")
         source = f"ruler-retrieval(seed={seed}; {','.join(tasks)})"
         return windows[:calib_windows], windows[calib_windows:total], "retrieval", source
-    if data != "prose":
-        raise ValueError(f"data must be 'prose' or 'retrieval', got {data!r}")
     if tasks is not None:
         raise ValueError("tasks are for data='retrieval'")
     source = "paul-graham-haystack" if texts is None else "user"
     if texts is None:
         texts = load_haystack()
 
-    def wrap(ids: list[torch.Tensor]) -> list[CalibrationWindow]:
-        return [CalibrationWindow(x, scored=min(eval_tokens, x.numel() - 1)) for x in ids]
+    def wrap(ids: list[torch.Tensor], name: str, first: int = 0) -> list[CalibrationWindow]:
+        # Sources number the windows in their shuffled order: "text#0" is the first one drawn.
+        return [CalibrationWindow(x, scored=min(eval_tokens, x.numel() - 1),
+                                  source=f"{name}#{first + i}") for i, x in enumerate(ids)]
 
-    calib = wrap(token_windows(tokenizer, texts, seq_len, calib_windows, seed=seed))
+    calib = wrap(token_windows(tokenizer, texts, seq_len, calib_windows, seed=seed), "text")
     if heldout_windows <= 0:
         held: list[CalibrationWindow] = []
     elif heldout_texts is not None:
         held = wrap(token_windows(tokenizer, heldout_texts, seq_len, heldout_windows,
-                                  seed=seed + 1))
+                                  seed=seed + 1), "heldout-text")
     else:
         held = wrap(token_windows(tokenizer, texts, seq_len, heldout_windows, seed=seed,
-                                  skip=calib_windows))
+                                  skip=calib_windows), "text", first=calib_windows)
     return calib, held, "prose", source
 
 
@@ -652,7 +656,8 @@ class Calibrator:
             model_config=dict(self.struct),
             metadata={
                 "grid": self.grid, "seq_len": self.seq_len, "calib_windows": len(self.calib),
-                "heldout_windows": len(self.held), "eval_tokens": self.eval_tokens,
+                "heldout_windows": len(self.held),
+                "eval_tokens": self.eval_tokens if self.data == "prose" else None,
                 "seed": self.seed, "layers": self.layers, "proxy": self.proxy,
                 "search": search_log or [], "seconds": round(time.time() - self.t_start, 1),
                 "curves_seconds": round(self.curves_seconds, 1), "texts": self.text_source,

@@ -203,8 +203,8 @@ def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
     plt, fig, axes = _panels(cols * max(1, len(models)), 4.6, 4, rows=len(models))
     methods = sorted({m for model in models for e in summary[model].values() for m in e
                       if m != "full"}, key=_method_order)
-    cmap = plt.get_cmap("tab10")
-    color = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     markers = {"8": "o", "16": "s"}
     for r, model in enumerate(models):
         for c in range(cols):
@@ -213,22 +213,34 @@ def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
                 ax.axis("off")
                 continue
             length = lengths[model][c]
+            plotted = 0
             for method, e in sorted(summary[model][length].items(),
                                     key=lambda kv: _method_order(kv[0])):
                 if method == "full" or "delta_vs_full" not in e:
                     continue
+                plotted += 1
                 stride = method.rsplit("-s", 1)[-1] if method.startswith("xattn-") else None
                 ax.errorbar(e["density"], e["delta_vs_full"], yerr=e.get("delta_se", 0),
                             fmt=markers.get(stride, "*"), markersize=7 if stride else 12,
                             capsize=3, label=method, color=color[method])
+            if not plotted:
+                ax.text(0.5, 0.5, "no full-attention run\nin these files to compare with",
+                        ha="center", va="center", transform=ax.transAxes)
             ax.axhline(0, color="black", lw=0.8)
             ax.axhspan(-1, 1, color="green", alpha=0.08)  # the "within 1 point" target
             ax.set_xlabel("block density (1 = dense)")
             ax.set_ylabel("score - full attention (points)")
             ax.set_title(f"{model} {int(length) // 1024}k")
             ax.grid(alpha=0.3)
-            if c == 0:
-                ax.legend(fontsize=7)
+        # One legend per row, on its first panel, naming every method of the row's model.
+        seen: dict[str, Any] = {}
+        for c in range(len(lengths[model])):
+            handles, labels = axes[r * cols + c].get_legend_handles_labels()
+            for h, lab in zip(handles, labels, strict=True):
+                seen.setdefault(lab, h)
+        if seen:
+            order = sorted(seen, key=_method_order)
+            axes[r * cols].legend([seen[m] for m in order], order, fontsize=7)
     _save(plt, fig, path)
 
 
