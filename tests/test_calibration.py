@@ -475,6 +475,11 @@ def test_calibrate_tiny_model_end_to_end(tmp_path):
     import xattention.integrations.transformers as xt
 
     ids = torch.randint(0, 256, (1, 200))
+    xt.enable(model, thresholds=str(path), backend="torch")  # a path loads the profile
+    xt.disable(model)
+    with pytest.raises(FileNotFoundError):
+        xt.enable(model, thresholds=tmp_path / "missing.json")
+    assert not xt.is_enabled(model)
     xt.enable(model, thresholds=loaded, backend="torch")
     try:
         with torch.no_grad():

@@ -172,6 +172,7 @@ def retrieval_windows(
     seed: int = 0,
     chat: bool | None = None,
     cache_dir: str | None = None,
+    progress: bool = False,
 ) -> list[CalibrationWindow]:
     """RULER-style prompts of about ``length`` tokens followed by their reference answers.
 
@@ -181,6 +182,8 @@ def retrieval_windows(
     round-robin over ``tasks`` (sample 0 of every task, then sample 1, ...), so any prefix of
     the list covers the tasks evenly. ``chat`` formats prompts with the tokenizer's chat template
     (default: when it has one), as ``xattention eval ruler`` does for instruct models.
+    ``progress`` shows a bar over the tasks (generating a task's samples takes seconds to
+    minutes when they are not cached yet).
 
     The answer is tokenised together with the prompt, as the model would see it; when the joint
     tokenisation does not start with the prompt's own tokens (a merge across the boundary), the
@@ -198,7 +201,12 @@ def retrieval_windows(
         chat = bool(getattr(tokenizer, "chat_template", None))
     bos = getattr(tokenizer, "bos_token", None)
     per: list[list[CalibrationWindow]] = []
-    for task in tasks:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(tasks, desc="retrieval prompts", leave=False)
+    for task in bar if bar is not None else tasks:
         windows = []
         for sample in generate_samples(task, length, per_task, tokenizer, seed=seed, chat=chat,
                                        cache_dir=cache_dir):

@@ -362,6 +362,7 @@ def calibration_windows(
     heldout_windows: int | None,
     eval_tokens: int,
     seed: int,
+    progress: bool = False,
 ) -> tuple[list[CalibrationWindow], list[CalibrationWindow], str, str]:
     """Step 1: the calibration and held-out windows, the kind of data (``"prose"`` or
     ``"retrieval"``) and a name for where they come from.
@@ -394,7 +395,7 @@ def calibration_windows(
         total = calib_windows + heldout_windows
         per_task = -(-total // max(len(tasks), 1))
         windows = retrieval_windows(tokenizer, seq_len, per_task, tasks=tasks, seed=seed,
-                                    chat=chat)
+                                    chat=chat, progress=progress)
         if len(windows) < total:
             raise ValueError(f"only {len(windows)} retrieval windows for {total} requested")
         source = f"ruler-retrieval(seed={seed}; {','.join(tasks)})"
@@ -487,7 +488,7 @@ class Calibrator:
         self.calib, self.held, self.data, self.text_source = calibration_windows(
             tokenizer, data, texts, heldout_texts, tasks=tasks, chat=chat, seq_len=seq_len,
             calib_windows=calib_windows, heldout_windows=heldout_windows,
-            eval_tokens=eval_tokens, seed=seed)
+            eval_tokens=eval_tokens, seed=seed, progress=progress)
         self._heldout: _HeldOut | None = None
         self.curves_seconds = 0.0
         self.say(f"calibrate: layers {self.layers} x {self.n_heads} heads, {len(self.calib)} "

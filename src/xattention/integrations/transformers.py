@@ -36,6 +36,7 @@ the same definition as :func:`xattention.block_density` (dense causal = 1.0).
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -298,6 +299,10 @@ def _resolve_thresholds(model: torch.nn.Module, threshold: float, thresholds: An
     if thresholds is None:
         return table, stride, block_size
     profile_cls = _threshold_profile_class()
+    if isinstance(thresholds, (str, os.PathLike)):
+        if profile_cls is None:  # pragma: no cover - the calibration package ships with the core
+            raise ModuleNotFoundError("reading a threshold profile needs xattention.calibration")
+        thresholds = profile_cls.load(thresholds)  # clear errors for a missing or bad file
     if profile_cls is not None and isinstance(thresholds, profile_cls):
         thresholds.check_model(model)  # raises ValueError on a model it was not calibrated for
         # The defaults (8, 128) mean "not chosen": only an explicit different choice is worth
@@ -430,9 +435,9 @@ def enable(
         stride: antidiagonal stride of the estimate (divides ``block_size``).
         block_size: block edge of the sparsity pattern.
         thresholds: per-layer or per-(layer, head) table: a
-            :class:`xattention.calibration.ThresholdProfile` (its stride and block size win),
-            a nested list / tensor ``[num_layers][num_q_heads]``, a list / tensor
-            ``[num_layers]`` or a dict ``{layer: float or [num_q_heads]}``.
+            :class:`xattention.calibration.ThresholdProfile` or the path of its JSON file (its
+            stride and block size win), a nested list / tensor ``[num_layers][num_q_heads]``,
+            a list / tensor ``[num_layers]`` or a dict ``{layer: float or [num_q_heads]}``.
         dense_layers: layer indices kept dense (negative indices count from the end).
         min_query_len: queries shorter than this stay dense (``None``: ``block_size``); decode
             (one query) is always dense.
