@@ -64,12 +64,12 @@ class CalibrationWindow:
             got = f"a tensor of {ids.dtype}" if isinstance(ids, torch.Tensor) \
                 else type(ids).__name__
             raise TypeError(f"ids must be an integer torch.Tensor of token ids, got {got}")
-        if self.ids.dim() != 1 or self.ids.numel() < 2:
-            raise ValueError(f"ids must be 1-D with at least 2 tokens, got {tuple(self.ids.shape)}")
+        if ids.dim() != 1 or ids.numel() < 2:
+            raise ValueError(f"ids must be 1-D with at least 2 tokens, got {tuple(ids.shape)}")
         if isinstance(self.scored, bool) or not isinstance(self.scored, int):
             raise TypeError(f"scored must be an int, got {type(self.scored).__name__}")
-        if not 1 <= self.scored < self.ids.numel():
-            raise ValueError(f"scored must be in [1, {self.ids.numel() - 1}], got {self.scored}")
+        if not 1 <= self.scored < ids.numel():
+            raise ValueError(f"scored must be in [1, {ids.numel() - 1}], got {self.scored}")
 
     @property
     def rows(self) -> tuple[int, int] | None:
@@ -189,7 +189,7 @@ def retrieval_windows(
     tokenisation does not start with the prompt's own tokens (a merge across the boundary), the
     two are tokenised apart and concatenated, so the prompt is always exactly the evaluated one.
     """
-    from ..eval.ruler import build_prompt, generate_samples
+    from ..eval.ruler import build_prompt, generate_samples, has_bos
 
     for name, value in (("length", length), ("per_task", per_task)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -199,7 +199,6 @@ def retrieval_windows(
         raise TypeError(f"chat must be a bool or None, got {type(chat).__name__}")
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    bos = getattr(tokenizer, "bos_token", None)
     per: list[list[CalibrationWindow]] = []
     bar = None
     if progress:
@@ -211,8 +210,7 @@ def retrieval_windows(
         for sample in generate_samples(task, length, per_task, tokenizer, seed=seed, chat=chat,
                                        cache_dir=cache_dir):
             prompt = build_prompt(sample, tokenizer, chat)
-            # Chat templates already start with BOS: do not add a second one.
-            special = not (bool(bos) and prompt.startswith(bos))
+            special = not has_bos(tokenizer, prompt)
             p_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
             answer = answer_text(sample.outputs, prompt)
             joint = list(tokenizer(prompt + answer, add_special_tokens=special)["input_ids"])

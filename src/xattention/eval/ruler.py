@@ -39,6 +39,7 @@ __all__ = [
     "load_task_configs",
     "generate_samples",
     "build_prompt",
+    "has_bos",
     "postprocess",
     "score_sample",
     "package_dir",
@@ -234,6 +235,13 @@ def build_prompt(sample: Sample, tokenizer: Any, chat: bool) -> str:
     head = tokenizer.apply_chat_template([{"role": "user", "content": sample.user}],
                                          tokenize=False, add_generation_prompt=True)
     return head + sample.answer_prefix.lstrip()
+
+
+def has_bos(tokenizer: Any, prompt: str) -> bool:
+    """Whether ``prompt`` already starts with the BOS token (chat templates write it), so that
+    tokenising it must not add a second one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and prompt.startswith(bos)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f]")

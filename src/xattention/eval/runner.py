@@ -158,7 +158,7 @@ def _answer(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: 
         tokenizer.pad_token = tokenizer.eos_token
     try:
         enc = tokenizer(list(prompts), return_tensors="pt", padding=len(prompts) > 1,
-                        add_special_tokens=not _has_bos(tokenizer, prompts[0]))
+                        add_special_tokens=not ruler.has_bos(tokenizer, prompts[0]))
     finally:
         tokenizer.padding_side = padding_side
     enc = {k: v.to(model.device) for k, v in enc.items()}
@@ -175,11 +175,6 @@ def _answer(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: 
         answers.append((tokenizer.decode(row[:length], skip_special_tokens=True),
                         int(mask.sum()), length))
     return answers
-
-
-def _has_bos(tokenizer: Any, prompt: str) -> bool:
-    bos = getattr(tokenizer, "bos_token", None)
-    return bool(bos) and prompt.startswith(bos)
 
 
 def run_suite(
