@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 xt = pytest.importorskip("xattention.integrations.transformers")
 from xattention import _backend  # noqa: E402  (after the importorskip above)
+from xattention.integrations.transformers.padding import decompose  # noqa: E402
 
 BS = 64  # small blocks so that a few-hundred-token prompt has several blocks to drop
 
@@ -344,16 +345,16 @@ def test_decompose_masks():
     pos_q = torch.arange(Lq)[:, None] + (Lk - Lq)
     cols = torch.arange(Lk)[None, :]
     causal = cols <= pos_q
-    assert xt._decompose(causal, True) == (0, Lk, Lk - Lq)
+    assert decompose(causal, True) == (0, Lk, Lk - Lq)
     left = causal & (cols >= 2)
-    assert xt._decompose(left, True) == (2, Lk, Lk - Lq)
+    assert decompose(left, True) == (2, Lk, Lk - Lq)
     # A static cache: queries at positions 1..5 of an 8-slot cache, slots 6-7 unwritten.
     static = (cols <= torch.arange(Lq)[:, None] + 1)
-    assert xt._decompose(static, True) == (0, 6, 1)
+    assert decompose(static, True) == (0, 6, 1)
     holes = causal.clone()
     holes[:, 3] = False
-    assert xt._decompose(holes, True) is None
-    assert xt._decompose(torch.zeros(Lq, Lk, dtype=torch.bool), True) is None
+    assert decompose(holes, True) is None
+    assert decompose(torch.zeros(Lq, Lk, dtype=torch.bool), True) is None
 
 
 def test_stats_object():

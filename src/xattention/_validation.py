@@ -115,13 +115,21 @@ def check_threshold(threshold: object, num_heads: int) -> float | torch.Tensor:
             if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
                 raise ValueError(f"threshold values must lie in (0, inf), got {t.tolist()}")
             return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a float or a tensor [q_heads], got "
-                        f"{type(threshold).__name__}")
-    threshold = float(threshold)
-    if not (threshold > 0 and math.isfinite(threshold)):
-        raise ValueError(f"threshold must lie in (0, inf), got {threshold}")
-    return threshold
+    return check_threshold_value("threshold", threshold)
+
+
+def check_threshold_value(name: str, value: object) -> float:
+    """One threshold: a finite number > 0 (``>= 1`` keeps every candidate block).
+
+    The one wording for a bad threshold, wherever it comes from (``xattention``, a profile file,
+    ``integrations.transformers.enable``); ``name`` says which argument or field it was.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, inf), got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number in (0, inf), got {value}")
+    return value
 
 
 def check_scale(scale: object, head_dim: int) -> float:

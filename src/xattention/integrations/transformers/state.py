@@ -1,0 +1,59 @@
+"""What :func:`~xattention.integrations.transformers.enable` attaches to a model: one state
+object, shared by the model and its attention modules (``_xattention_state``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .stats import AttentionStats
+from .thresholds import LayerThreshold
+
+__all__ = ["STATE_ATTR", "XAttentionState", "get_state"]
+
+STATE_ATTR = "_xattention_state"
+
+
+@dataclass
+class XAttentionState:
+    """Settings of one enabled model, its statistics and the modules that carry it."""
+
+    original: Any  # the language layers' attention implementation before enable
+    stride: int
+    block_size: int
+    backend: str
+    min_query_len: int
+    thresholds: dict[int, LayerThreshold]
+    dense_layers: frozenset[int]
+    windows: dict[int, int | None]  # sliding window (tokens) per layer, None for global
+    num_layers: int
+    num_q_heads: int
+    record_stats: bool = True
+    enabled: bool = True
+    stats: AttentionStats = field(default_factory=AttentionStats)
+    modules: list[torch.nn.Module] = field(default_factory=list)
+
+    @property
+    def sliding_layers(self) -> frozenset[int]:
+        """Layers with a window; each is sparsified only while the context fits in it."""
+        return frozenset(i for i, w in self.windows.items() if w is not None)
+
+    @property
+    def all_windowed(self) -> bool:
+        """Whether every layer not in ``dense_layers`` has a window (Mistral's configs)."""
+        return all(self.windows.get(i) is not None for i in self.windows
+                   if i not in self.dense_layers)
+
+    def threshold_for(self, layer: int, device: torch.device) -> LayerThreshold:
+        t = self.thresholds[layer]
+        if isinstance(t, torch.Tensor) and t.device != device:
+            t = t.to(device)
+            self.thresholds[layer] = t  # cache on the device the layer runs on
+        return t
+
+
+def get_state(obj: Any) -> XAttentionState | None:
+    """The state attached to a model or one of its attention modules, if any."""
+    return getattr(obj, STATE_ATTR, None)
