@@ -60,7 +60,7 @@ class Method:
     def from_profile(path: str | Path, label: str | None = None) -> Method:
         """XAttention with a :class:`~xattention.calibration.ThresholdProfile` (stride and block
         size are the profile's)."""
-        from ..calibration import ThresholdProfile
+        from ..profile import ThresholdProfile
 
         profile = ThresholdProfile.load(path)
         return Method(threshold=None, stride=profile.stride, block_size=profile.block_size,
@@ -322,7 +322,7 @@ def _check_lengths(records: list[dict[str, Any]], length: int, budget: int, mode
 def _enable(xt: Any, model: Any, method: Method, backend: str) -> None:
     if method.profile is not None:
         if method.profile not in _PROFILES:
-            from ..calibration import ThresholdProfile
+            from ..profile import ThresholdProfile
 
             _PROFILES[method.profile] = ThresholdProfile.load(method.profile)
         xt.enable(model, thresholds=_PROFILES[method.profile], backend=backend)
