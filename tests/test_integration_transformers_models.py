@@ -255,3 +255,27 @@ def test_qwen_vl_generate(qwen_vl, gen, video):
         assert sorted(per_layer) == [0, 1] and all(0 < d < 1 for d in per_layer.values())
     finally:
         xt.disable(model)
+
+
+def test_qwen_vl_vision_encoder_only_when_asked(qwen_vl, gen):
+    model = qwen_vl
+    kw = _vl_inputs(gen)
+    with torch.no_grad():
+        ref = model(**kw, use_cache=False).logits
+    xt.enable(model, threshold=1.0, vision=True, **XA)
+    try:
+        assert model.config.vision_config._attn_implementation == "xattention"
+        with torch.no_grad():
+            out = model(**kw, use_cache=False).logits
+        assert torch.allclose(out, ref, atol=ATOL), (out - ref).abs().max()
+        vision = xt.last_stats(model, vision=True)
+        n_blocks = len(xt.model_info.vision_attention_modules(model))
+        assert vision.sparse_layers() == list(range(n_blocks))
+        assert vision.overall() == pytest.approx(1.0)
+        assert xt.last_stats(model).sparse_layers() == [0, 1]
+    finally:
+        xt.disable(model)
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "_xattention_state") for m in _vision_modules(model))
+    with pytest.raises(ValueError, match="vision"):
+        xt.enable(_mistral(), vision=True)

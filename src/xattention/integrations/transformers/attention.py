@@ -10,6 +10,8 @@ What runs where, per call of a layer's attention:
 * everything else: ``xattention()`` with the layer's threshold(s), causal or not as the module
   says. A padding mask is handled exactly (:mod:`.padding`); a mask of any other shape falls back
   to dense attention with a warning (once).
+* a vision encoder's attention (only after ``enable(..., vision=True)``): non-causal XAttention
+  per image with the one ``threshold``, counted apart (``last_stats(model, vision=True)``).
 
 ``attention_mask=None`` means causal attention with the queries at the *end* of the keys
 (docs/design.md), which is what the mask function of :mod:`.registration` hands over for plain
@@ -26,8 +28,8 @@ from ..._backend import warn_once
 from ...api import xattention
 from .model_info import window_restricts
 from .padding import sparse_with_padding
-from .state import XAttentionState, get_state
-from .stats import count_blocks
+from .state import VISION_INDEX_ATTR, XAttentionState, get_state
+from .stats import AttentionStats, count_blocks
 
 __all__ = ["dense_attention", "xattention_attention_forward"]
 
@@ -52,20 +54,22 @@ def dense_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                                   scaling=scaling, is_causal=causal, **kwargs)
 
 
-def _record(state: XAttentionState, layer: int, mask: torch.Tensor | None, q_len: int,
-            k_len: int, heads: int, causal: bool, batch: int) -> None:
+def _record(state: XAttentionState, stats: AttentionStats, layer: int,
+            mask: torch.Tensor | None, q_len: int, k_len: int, heads: int, causal: bool,
+            batch: int) -> None:
     if state.record_stats:
         kept, total = count_blocks(mask, q_len, k_len, state.block_size, causal, heads, batch)
-        state.stats.add(layer, kept, total, sparse=mask is not None, q_len=q_len, k_len=k_len)
+        stats.add(layer, kept, total, sparse=mask is not None, q_len=q_len, k_len=k_len)
 
 
-def _sparse(state: XAttentionState, layer: int, query: torch.Tensor, key: torch.Tensor,
+def _sparse(state: XAttentionState, stats: AttentionStats, layer: int,
+            threshold: float | torch.Tensor, query: torch.Tensor, key: torch.Tensor,
             value: torch.Tensor, scaling: float | None, causal: bool) -> torch.Tensor:
     """``xattention`` on ``[B, H, L, D]`` tensors, recording the mask; ``[B, Hq, Lq, D]`` out."""
-    out, mask = xattention(query, key, value, threshold=state.threshold_for(layer, query.device),
-                           stride=state.stride, block_size=state.block_size, causal=causal,
-                           scale=scaling, backend=state.backend, return_mask=True)
-    _record(state, layer, mask, query.shape[2], key.shape[2], query.shape[1], causal,
+    out, mask = xattention(query, key, value, threshold=threshold, stride=state.stride,
+                           block_size=state.block_size, causal=causal, scale=scaling,
+                           backend=state.backend, return_mask=True)
+    _record(state, stats, layer, mask, query.shape[2], key.shape[2], query.shape[1], causal,
             query.shape[0])
     return out
 
@@ -109,6 +113,9 @@ def xattention_attention_forward(
     state = get_state(module)
     layer = getattr(module, "layer_idx", None)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if state is not None and layer is None:
+        return _vision_forward(state, module, query, key, value, attention_mask, dropout,
+                               scaling, causal, **kwargs)
     if state is None or layer is None:
         return dense_attention(module, query, key, value, attention_mask, dropout, scaling,
                                causal, **kwargs)
@@ -120,21 +127,41 @@ def xattention_attention_forward(
                                causal, **kwargs)
     if _runs_dense(state, module, layer, q_len, k_len, dropout, causal, kwargs):
         if q_len > 1:
-            _record(state, layer, None, q_len, k_len, heads, causal, batch)
+            _record(state, state.stats, layer, None, q_len, k_len, heads, causal, batch)
         return dense_attention(module, query, key, value, attention_mask, dropout, scaling,
                                causal, **kwargs)
 
+    threshold = state.threshold_for(layer, query.device)
     if attention_mask is None:
-        out = _sparse(state, layer, query, key, value, scaling, causal)
+        out = _sparse(state, state.stats, layer, threshold, query, key, value, scaling, causal)
     else:
         out = sparse_with_padding(
             query, key, value, attention_mask, causal, scaling,
-            lambda q, k, v: _sparse(state, layer, q, k, v, scaling, causal))
+            lambda q, k, v: _sparse(state, state.stats, layer, threshold, q, k, v, scaling,
+                                    causal))
         if out is None:
             warn_once("xattention: this attention mask is not attention over one contiguous "
                       "span of keys per sequence (packed sequences or a custom 4D mask?); those "
                       "calls run dense attention")
-            _record(state, layer, None, q_len, k_len, heads, causal, batch)
+            _record(state, state.stats, layer, None, q_len, k_len, heads, causal, batch)
             return dense_attention(module, query, key, value, attention_mask, dropout, scaling,
                                    causal, **kwargs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _vision_forward(state: XAttentionState, module: torch.nn.Module, query: torch.Tensor,
+                    key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                    dropout: float, scaling: float | None, causal: bool, **kwargs: Any
+                    ) -> tuple[torch.Tensor, None]:
+    """A vision encoder's attention (``enable(..., vision=True)``): each call is one image's (or
+    one window's) patches, without a mask; shorter than ``min_query_len`` it stays dense."""
+    index = getattr(module, VISION_INDEX_ATTR, None)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if (index is None or state.vision_threshold is None or attention_mask is not None
+            or q_len < max(2, state.min_query_len) or q_len > k_len
+            or (dropout > 0 and module.training)):
+        return dense_attention(module, query, key, value, attention_mask, dropout, scaling,
+                               causal, **kwargs)
+    out = _sparse(state, state.vision_stats, index, state.vision_threshold, query, key, value,
+                  scaling, causal)
     return out.transpose(1, 2).contiguous(), None

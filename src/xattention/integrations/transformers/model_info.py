@@ -28,6 +28,8 @@ __all__ = [
     "sliding_layers",
     "sparse_layers",
     "text_config",
+    "vision_attention_modules",
+    "vision_config_key",
     "window_restricts",
 ]
 
@@ -49,6 +51,32 @@ def attention_layers(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]
                 type(module).__name__.endswith("Attention"):
             found.setdefault(idx, []).append(module)
     return found
+
+
+def vision_config_key(model: torch.nn.Module) -> str | None:
+    """Key of the vision encoder's sub-config in ``model.config`` (``"vision_config"`` on
+    Qwen2-VL / Qwen2.5-VL), None for a model without one."""
+    config = model.config
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and getattr(sub, "base_config_key", key) == "vision_config":
+            return key
+    return None
+
+
+def vision_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of the vision encoder, in order (empty without one).
+
+    The encoder is the sub-model built from the vision sub-config; its attention modules are
+    those whose class name ends in ``Attention`` (Qwen2-VL's ``VisionAttention``).
+    """
+    key = vision_config_key(model)
+    if key is None:
+        return []
+    vision = getattr(model.config, key)
+    towers = [m for m in model.modules() if m is not model and getattr(m, "config", None) is vision]
+    return [m for tower in towers[:1] for m in tower.modules()
+            if type(m).__name__.endswith("Attention")]
 
 
 def layer_count(model: torch.nn.Module,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .model_info import text_config
+from .model_info import text_config, vision_config_key
 
 __all__ = ["ATTENTION_NAME", "CAPTURE_NAME", "implementation", "register", "set_implementation",
            "xattention_mask"]
@@ -73,8 +73,11 @@ def register(name: str, forward: Callable[..., Any], mask: Callable[..., Any] | 
         _registered.add(name)
 
 
-def implementation(model: Any) -> Any:
-    """The attention implementation the language layers of ``model`` use now."""
+def implementation(model: Any, *, vision: bool = False) -> Any:
+    """The attention implementation the language layers (or the vision encoder) use now."""
+    if vision:
+        key = vision_config_key(model)
+        return None if key is None else getattr(model.config, key)._attn_implementation
     return text_config(model)._attn_implementation
 
 
@@ -90,16 +93,24 @@ def _text_config_key(model: Any) -> str | None:
     return None
 
 
-def set_implementation(model: Any, name: Any) -> None:
-    """Switch the language layers of ``model`` to the attention implementation ``name``."""
+def set_implementation(model: Any, name: Any, *, vision: Any = None) -> None:
+    """Switch the language layers of ``model`` to the attention implementation ``name`` (and,
+    with ``vision``, the vision encoder to that one); everything else keeps its own."""
     setter = getattr(model, "set_attn_implementation", None)
     key = _text_config_key(model)
+    request: Any = name if key is None else {key: name}
+    vision_key = vision_config_key(model) if vision is not None else None
+    if vision_key is not None:
+        request = {**(request if isinstance(request, dict) else {"": request}),
+                   vision_key: vision}
     if callable(setter):
-        setter(name if key is None else {key: name})
+        setter(request)
     else:  # older transformers: the config attribute is what the layers read
         text_config(model)._attn_implementation = name
-    current = implementation(model)
-    wanted = name if isinstance(name, str) else None
-    if wanted is not None and current != wanted:
-        raise RuntimeError(f"could not switch the model's attention to {wanted!r} "
-                           f"(config still says {current!r})")
+        if vision_key is not None:
+            getattr(model.config, vision_key)._attn_implementation = vision
+    for wanted, current in ((name, implementation(model)),
+                            (vision, implementation(model, vision=True))):
+        if isinstance(wanted, str) and current != wanted:
+            raise RuntimeError(f"could not switch the model's attention to {wanted!r} "
+                               f"(config still says {current!r})")

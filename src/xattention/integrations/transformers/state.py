@@ -11,9 +11,10 @@ import torch
 from .stats import AttentionStats
 from .thresholds import LayerThreshold
 
-__all__ = ["STATE_ATTR", "XAttentionState", "get_state"]
+__all__ = ["STATE_ATTR", "VISION_INDEX_ATTR", "XAttentionState", "get_state"]
 
 STATE_ATTR = "_xattention_state"
+VISION_INDEX_ATTR = "_xattention_vision_index"  # position of a vision attention module
 
 
 @dataclass
@@ -34,6 +35,10 @@ class XAttentionState:
     enabled: bool = True
     stats: AttentionStats = field(default_factory=AttentionStats)
     modules: list[torch.nn.Module] = field(default_factory=list)
+    # Vision encoder (enable(..., vision=True)): one threshold, its own statistics.
+    vision_threshold: float | None = None
+    original_vision: Any = None
+    vision_stats: AttentionStats = field(default_factory=AttentionStats)
 
     @property
     def sliding_layers(self) -> frozenset[int]:

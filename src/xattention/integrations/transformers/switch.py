@@ -10,7 +10,13 @@ import torch
 from ..._backend import warn_once
 from ..._validation import check_backend, check_block_params
 from .attention import xattention_attention_forward
-from .model_info import attention_layers, layer_count, layer_windows, text_config
+from .model_info import (
+    attention_layers,
+    layer_count,
+    layer_windows,
+    text_config,
+    vision_attention_modules,
+)
 from .registration import (
     ATTENTION_NAME,
     implementation,
@@ -18,7 +24,7 @@ from .registration import (
     set_implementation,
     xattention_mask,
 )
-from .state import STATE_ATTR, XAttentionState, get_state
+from .state import STATE_ATTR, VISION_INDEX_ATTR, XAttentionState, get_state
 from .stats import AttentionStats
 from .thresholds import resolve_thresholds, split_threshold_arguments
 
@@ -57,6 +63,7 @@ def enable(
     min_query_len: int | None = None,
     backend: str = "auto",
     record_stats: bool = True,
+    vision: bool = False,
 ) -> torch.nn.Module:
     """Make ``model`` prefill with XAttention; decode stays dense.
 
@@ -80,6 +87,9 @@ def enable(
             (one query) is always dense.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`xattention.xattention`).
         record_stats: count kept blocks of every prefill call (see :func:`last_stats`).
+        vision: also run the vision encoder's attention (Qwen2-VL's ``VisionAttention``)
+            through XAttention, non-causal, with ``threshold``; off by default, which leaves the
+            encoder exactly as it was.
 
     Returns:
         ``model`` (switched in place). Calling ``enable`` again replaces the settings;
@@ -115,28 +125,36 @@ def enable(
         min_query_len = block_size
     if isinstance(min_query_len, bool) or not isinstance(min_query_len, int) or min_query_len < 0:
         raise ValueError(f"min_query_len must be a non-negative int, got {min_query_len!r}")
+    if not isinstance(vision, bool):
+        raise TypeError(f"vision must be a bool, got {type(vision).__name__}")
+    vision_modules = vision_attention_modules(model) if vision else []
+    if vision and not vision_modules:
+        raise ValueError(f"vision=True, but {type(model).__name__} has no vision encoder with "
+                         "attention modules (a vision_config sub-model)")
     if set(layers) <= dense:
         warn_once("xattention: dense_layers lists every attention layer of this model; nothing "
                   "will be sparsified")
 
     register(ATTENTION_NAME, xattention_attention_forward, xattention_mask)
     previous = get_state(model)
-    original = previous.original if previous is not None and previous.enabled \
-        else implementation(model)
     if previous is not None and previous.enabled:
-        _detach(previous)
+        original, original_vision = previous.original, previous.original_vision
+        disable(model)  # back to the stock state, then switch with the new settings
+    else:
+        original, original_vision = implementation(model), implementation(model, vision=True)
     state = XAttentionState(original=original, stride=stride, block_size=block_size,
                             backend=backend, min_query_len=min_query_len, thresholds=table,
                             dense_layers=dense, windows=layer_windows(model),
                             num_layers=num_layers, num_q_heads=num_heads,
-                            record_stats=record_stats)
-    for modules in layers.values():
-        for module in modules:
-            setattr(module, STATE_ATTR, state)
-            state.modules.append(module)
+                            record_stats=record_stats, original_vision=original_vision,
+                            vision_threshold=float(threshold) if vision else None)
+    for module in [m for modules in layers.values() for m in modules] + vision_modules:
+        setattr(module, STATE_ATTR, state)
+        state.modules.append(module)
+    for index, module in enumerate(vision_modules):
+        setattr(module, VISION_INDEX_ATTR, index)
     setattr(model, STATE_ATTR, state)
-    if implementation(model) != ATTENTION_NAME:
-        set_implementation(model, ATTENTION_NAME)
+    set_implementation(model, ATTENTION_NAME, vision=ATTENTION_NAME if vision else None)
     return model
 
 
@@ -144,6 +162,8 @@ def _detach(state: XAttentionState) -> None:
     for module in state.modules:
         if get_state(module) is state:
             delattr(module, STATE_ATTR)
+            if hasattr(module, VISION_INDEX_ATTR):
+                delattr(module, VISION_INDEX_ATTR)
     state.enabled = False
     state.modules = []
 
@@ -162,7 +182,9 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
     state = get_state(model)
     if state is None or not state.enabled:
         return model
-    set_implementation(model, state.original)
+    vision_changed = state.vision_threshold is not None
+    set_implementation(model, state.original,
+                       vision=state.original_vision if vision_changed else None)
     _detach(state)
     return model
 
@@ -173,8 +195,9 @@ def is_enabled(model: torch.nn.Module) -> bool:
     return bool(state is not None and state.enabled)
 
 
-def last_stats(model: torch.nn.Module) -> AttentionStats:
-    """Block densities of the prefill calls since :func:`enable` or :func:`reset_stats`.
+def last_stats(model: torch.nn.Module, *, vision: bool = False) -> AttentionStats:
+    """Block densities of the prefill calls since :func:`enable` or :func:`reset_stats`
+    (``vision=True``: of the vision encoder's calls, keyed by its attention module's position).
 
     Example:
         >>> xt.reset_stats(model); _ = model(**ids)   # doctest: +SKIP
@@ -184,9 +207,10 @@ def last_stats(model: torch.nn.Module) -> AttentionStats:
     state = get_state(model)
     if state is None:
         raise ValueError("xattention is not enabled on this model: call enable(model) first")
-    return state.stats
+    return state.vision_stats if vision else state.stats
 
 
 def reset_stats(model: torch.nn.Module) -> None:
-    """Clear the statistics returned by :func:`last_stats`."""
+    """Clear the statistics returned by :func:`last_stats` (language and vision)."""
     last_stats(model).reset()
+    last_stats(model, vision=True).reset()
