@@ -8,7 +8,8 @@ to the lower key block) and are kept while the mass accumulated *before* them is
 Around either backend, the dispatch applies the rules for scores that are not plain finite
 masses (docs/design.md, "Selection on user scores" and "Non-finite inputs"): only candidates
 count, ``-inf`` is zero mass, ``+inf`` candidates are all kept, a row with a NaN keeps every
-candidate, and no row is left empty. The backends only ever see finite, candidate-only rows.
+candidate, and no row is left empty. The backends see candidate-only rows without infinities;
+what they decide for a row holding a NaN is overwritten.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def select_blocks(
     """Choose the key blocks each query block attends to.
 
     Args:
-        scores: ``[B, Hq, nQB, nKB]`` block scores (e.g. from ``estimate_block_scores``).
+        scores: ``[B, Hq, nQB, nKB]`` block scores (e.g. from ``estimate_block_scores``). Only
+            candidate blocks count; NaN, ``+-inf`` and rows without positive mass follow
+            docs/design.md §3.
         threshold: fraction of each row's score mass to keep; a float or a tensor ``[Hq]`` (per
             query head). ``>= 1`` keeps every candidate block.
         q_len, k_len: the query and key lengths the scores were made for (``q_len <= k_len``).
@@ -120,8 +123,8 @@ def _select(
 def _nonfinite_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Bool ``[B, H, ceil(L/Bs)]``: blocks of ``x [B, H, L, D]`` holding a NaN or an inf.
 
-    Tested through the sum over ``D`` (no full-size temporary): a NaN or inf always makes the sum
-    non-finite; a finite sum that overflows only keeps a block more, never one less.
+    Tested through the row sums over ``D``: a NaN or inf always makes the sum non-finite, and a
+    finite sum that overflows only keeps a block more, never one less.
     """
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     bad = ~torch.isfinite(x.sum(-1, dtype=work))
