@@ -294,3 +294,100 @@ def test_no_bare_assert_in_validation():
         pytest.fail(f"bare assert used for validation: {exc!r}")
     except (ValueError, TypeError):
         pass
+
+
+# ---------------------------------------------------------------- devices, dtypes, bool options
+
+
+def test_mask_on_another_device():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"mask is on meta but q is on cpu"):
+        call_bsa(q, k, v, mask=good_mask().to("meta"))
+
+
+def test_threshold_tensor_on_another_device():
+    q, k, v = qkv()
+    for thr in (torch.full((HQ,), 0.9, device="meta"), torch.tensor(0.9, device="meta")):
+        with pytest.raises(ValueError, match=r"threshold tensor is on meta"):
+            call_xa(q, k, v, threshold=thr)
+        with pytest.raises(ValueError, match=r"threshold tensor is on meta"):
+            select_blocks(good_scores(), threshold=thr, q_len=LQ, k_len=LK, block_size=BS)
+
+
+def test_scalar_cpu_threshold_tensor_is_a_number():
+    q, k, v = qkv()
+    a = call_xa(q, k, v, threshold=torch.tensor(0.5))
+    b = call_xa(q, k, v, threshold=0.5)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "thr",
+    [
+        torch.ones(HQ, dtype=torch.bool),
+        torch.tensor(True),
+        torch.full((HQ,), 0.9 + 0.5j),
+        torch.tensor(0.9 + 0j),
+    ],
+    ids=["bool", "bool0d", "complex", "complex0d"],
+)
+def test_threshold_tensor_must_be_real(thr):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"threshold"):
+        call_xa(q, k, v, threshold=thr)
+    with pytest.raises(TypeError, match=r"threshold"):
+        select_blocks(good_scores(), threshold=thr, q_len=LQ, k_len=LK, block_size=BS)
+
+
+NOT_BOOLS = ["False", "no", 0, 1, None, torch.tensor(True)]
+NOT_BOOL_IDS = ["str-False", "str-no", "0", "1", "None", "tensor"]
+
+
+def call_sel(q, k, v, **kw):
+    return select_blocks(good_scores(), threshold=0.9, q_len=LQ, k_len=LK, block_size=BS, **kw)
+
+
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=NOT_BOOL_IDS)
+@pytest.mark.parametrize("f", QK_FUNCS + [call_sel], ids=FIDS + ["select_blocks"])
+def test_causal_must_be_a_bool(f, value):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"^causal must be True or False"):
+        f(q, k, v, causal=value)
+
+
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=NOT_BOOL_IDS)
+def test_return_flags_must_be_bools(value):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"^return_mask must be True or False"):
+        call_xa(q, k, v, return_mask=value)
+    with pytest.raises(TypeError, match=r"^return_lse must be True or False"):
+        call_bsa(q, k, v, return_lse=value)
+
+
+# ---------------------------------------------------------------- [B, L, H, D] by mistake
+
+LAYOUT_HINT = r"expected \[B, H, L, D\]; got q \[.*\], k \[.*\], which look like \[B, L, H, D\]"
+
+
+@pytest.mark.parametrize("f", QK_FUNCS, ids=FIDS)
+def test_blhd_input_gets_a_layout_hint(f):
+    q, k, v = qkv(hq=8, hkv=2, lq=40, lk=40)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, L, H, D]: "q length 8 > k length 2"
+    with pytest.raises(ValueError, match=r"q length \(8\) must not exceed k length \(2\).*"
+                       + LAYOUT_HINT):
+        f(q, k, v)
+    q, k, v = qkv(hq=8, hkv=2, lq=40, lk=50)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # "heads" 40 and 50 do not divide
+    with pytest.raises(ValueError, match=r"q heads \(40\) must be a multiple.*" + LAYOUT_HINT):
+        f(q, k, v)
+
+
+def test_no_layout_hint_for_bhld_input():
+    q, k, v = qkv(hq=3, hkv=2)
+    with pytest.raises(ValueError) as info:
+        call_xa(q, k, v)
+    assert "[B, L, H, D]" not in str(info.value)
+    q, k, v = qkv(lq=60, lk=50)
+    with pytest.raises(ValueError) as info:
+        call_xa(q, k, v)
+    assert "[B, L, H, D]" not in str(info.value)

@@ -23,6 +23,7 @@ class AttentionShape:
     q_len: int
     k_len: int
     head_dim: int
+    device: torch.device = torch.device("cpu")
 
     @property
     def group_size(self) -> int:
@@ -38,6 +39,18 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     return x
+
+
+def _layout_hint(q: torch.Tensor, k: torch.Tensor) -> str:
+    """Advice appended to a shape error when the inputs look like ``[B, L, H, D]``.
+
+    Only in errors: a short valid ``[B, H, L, D]`` input (decode, a few tokens) can have fewer rows
+    than heads too, so this is never a reason to reject or warn on its own.
+    """
+    if q.shape[2] < q.shape[1] or k.shape[2] < k.shape[1]:
+        return (f" (expected [B, H, L, D]; got q {list(q.shape)}, k {list(k.shape)}, which look "
+                "like [B, L, H, D]: pass q.transpose(1, 2) etc.)")
+    return ""
 
 
 def check_qkv(q: object, k: object, v: object | None = None) -> AttentionShape:
@@ -62,14 +75,15 @@ def check_qkv(q: object, k: object, v: object | None = None) -> AttentionShape:
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA")
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA"
+                         + _layout_hint(q, k))
     if lq == 0 or lk == 0 or d == 0:
         raise ValueError(f"q and k need non-empty lengths and head_dim, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
     if lq > lk:
         raise ValueError(f"q length ({lq}) must not exceed k length ({lk}): queries are the last "
-                         "q_len positions of the context")
-    return AttentionShape(b, hq, hkv, lq, lk, d)
+                         "q_len positions of the context" + _layout_hint(q, k))
+    return AttentionShape(b, hq, hkv, lq, lk, d, q.device)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -100,9 +114,32 @@ def check_lengths(q_len: object, k_len: object) -> tuple[int, int]:
     return q_len, k_len
 
 
-def check_threshold(threshold: object, num_heads: int) -> float | torch.Tensor:
-    """A float in (0, inf) or a tensor of ``num_heads`` such values (per query head)."""
+def check_bool(name: str, value: object) -> bool:
+    """A real ``bool``: ``causal="False"`` or ``return_mask="no"`` would act by truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_threshold_tensor(threshold: torch.Tensor, device: torch.device | None) -> None:
+    if threshold.dtype == torch.bool or threshold.is_complex():
+        raise TypeError(f"threshold tensor must hold real numbers, got {threshold.dtype}")
+    # A 0-dim tensor is read as a number, so the CPU is fine for it (torch's scalar convention).
+    on_cpu_scalar = threshold.dim() == 0 and threshold.device.type == "cpu"
+    if device is not None and threshold.device != device and not on_cpu_scalar:
+        raise ValueError(f"threshold tensor is on {threshold.device} but the inputs are on "
+                         f"{device}; they must match")
+
+
+def check_threshold(
+    threshold: object, num_heads: int, device: torch.device | None = None
+) -> float | torch.Tensor:
+    """A float in (0, inf) or a tensor of ``num_heads`` such values (per query head).
+
+    A threshold tensor must be real (not bool or complex) and on ``device`` (the inputs' device).
+    """
     if isinstance(threshold, torch.Tensor):
+        _check_threshold_tensor(threshold, device)
         if threshold.dim() == 0:
             threshold = float(threshold)
         else:
@@ -155,6 +192,8 @@ def check_block_mask(mask: object, shape: AttentionShape, block_size: int) -> to
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if mask.device != shape.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {shape.device}; they must match")
     nqb = -(-shape.q_len // block_size)
     nkb = -(-shape.k_len // block_size)
     expected = (shape.batch, shape.q_heads, nqb, nkb)

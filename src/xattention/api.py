@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_backend, check_block_params, check_qkv, check_scale, check_threshold
+from ._validation import (
+    check_backend,
+    check_block_params,
+    check_bool,
+    check_qkv,
+    check_scale,
+    check_threshold,
+)
 from .estimate import _estimate
 from .selection import _select
 from .sparse_attention import _sparse_attention
@@ -52,12 +59,14 @@ def xattention(
     """
     shape = check_qkv(q, k, v)
     stride, block_size = check_block_params(stride, block_size)
-    threshold = check_threshold(threshold, shape.q_heads)
+    threshold = check_threshold(threshold, shape.q_heads, shape.device)
     scale = check_scale(scale, shape.head_dim)
     backend = check_backend(backend)
-    causal = bool(causal)
+    causal = check_bool("causal", causal)
+    return_mask = check_bool("return_mask", return_mask)
 
     scores = _estimate(q, k, stride, block_size, causal, scale, backend)
-    mask = _select(scores, threshold, shape.q_len, shape.k_len, block_size, causal, backend)
+    mask = _select(scores, threshold, shape.q_len, shape.k_len, block_size, causal, backend,
+                   inputs=(q, k, v))
     out = _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, False)
     return (out, mask) if return_mask else out

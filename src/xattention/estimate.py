@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import resolve_backend
-from ._validation import check_backend, check_block_params, check_qkv, check_scale
+from ._validation import check_backend, check_block_params, check_bool, check_qkv, check_scale
 from .block_layout import num_blocks
 
 # Elements of the per-chunk score matrix in the PyTorch path (fp32: 4 bytes each). Bounds the peak
@@ -61,8 +61,9 @@ def estimate_block_scores(
     shape = check_qkv(q, k)
     stride, block_size = check_block_params(stride, block_size)
     scale = check_scale(scale, shape.head_dim)
+    causal = check_bool("causal", causal)
     backend = check_backend(backend)
-    return _estimate(q, k, stride, block_size, bool(causal), scale, backend)
+    return _estimate(q, k, stride, block_size, causal, scale, backend)
 
 
 def _estimate(q, k, stride, block_size, causal, scale, backend) -> torch.Tensor:

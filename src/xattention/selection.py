@@ -4,6 +4,12 @@ Per (batch, query head, query block) row: forced blocks (causal: the sink and th
 are kept and their scores count first; the other candidates follow in descending score order (ties
 to the lower key block) and are kept while the mass accumulated *before* them is still below
 ``threshold * row total``. So the kept set is the smallest prefix that reaches the threshold.
+
+Around either backend, the dispatch applies the rules for scores that are not plain finite
+masses (docs/design.md, "Selection on user scores" and "Non-finite inputs"): only candidates
+count, ``-inf`` is zero mass, ``+inf`` candidates are all kept, a row with a NaN keeps every
+candidate, and no row is left empty. The backends see candidate-only rows without infinities;
+what they decide for a row holding a NaN is overwritten.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from ._validation import (
     check_backend,
     check_block_grid,
     check_block_size,
+    check_bool,
     check_lengths,
     check_scores,
     check_threshold,
 )
-from .block_layout import candidate_blocks, forced_blocks
+from .block_layout import candidate_blocks, forced_blocks, num_blocks
 
 # Rows of the score matrix sorted at once; bounds the float64 working copy.
 _CHUNK_ELEMENTS = 1 << 24
@@ -38,7 +45,9 @@ def select_blocks(
     """Choose the key blocks each query block attends to.
 
     Args:
-        scores: ``[B, Hq, nQB, nKB]`` block scores (e.g. from ``estimate_block_scores``).
+        scores: ``[B, Hq, nQB, nKB]`` block scores (e.g. from ``estimate_block_scores``). Only
+            candidate blocks count; NaN, ``+-inf`` and rows without positive mass follow
+            docs/design.md §3.
         threshold: fraction of each row's score mass to keep; a float or a tensor ``[Hq]`` (per
             query head). ``>= 1`` keeps every candidate block.
         q_len, k_len: the query and key lengths the scores were made for (``q_len <= k_len``).
@@ -63,13 +72,27 @@ def select_blocks(
     q_len, k_len = check_lengths(q_len, k_len)
     block_size = check_block_size(block_size)
     check_block_grid("scores", scores, q_len, k_len, block_size)
-    threshold = check_threshold(threshold, scores.shape[1])
+    threshold = check_threshold(threshold, scores.shape[1], scores.device)
+    causal = check_bool("causal", causal)
     backend = check_backend(backend)
-    return _select(scores, threshold, q_len, k_len, block_size, bool(causal), backend)
+    candidate = candidate_blocks(q_len, k_len, block_size, causal, scores.device)
+    scores, infinite = _canonical_scores(scores, candidate)
+    mask = _select(scores, threshold, q_len, k_len, block_size, causal, backend)
+    mask |= infinite
+    if not causal:  # causal rows always hold their forced blocks
+        _keep_top_of_empty_rows(mask, scores)
+    return mask
 
 
-def _select(scores, threshold, q_len, k_len, block_size, causal, backend) -> torch.Tensor:
-    """Selection on validated input (shared with ``xattention``)."""
+def _select(
+    scores, threshold, q_len, k_len, block_size, causal, backend, inputs=None
+) -> torch.Tensor:
+    """Selection on validated input (shared with ``xattention``).
+
+    ``inputs``: the ``(q, k, v)`` the scores were estimated from, when known. Query blocks holding
+    a non-finite q, and key blocks holding a non-finite k or v, are then kept wherever they are
+    candidates, so the sparse stage sees every non-finite value dense attention would see.
+    """
     from .kernels import selection_unsupported_reason
 
     chosen = resolve_backend(
@@ -78,8 +101,62 @@ def _select(scores, threshold, q_len, k_len, block_size, causal, backend) -> tor
     if chosen == "triton":
         from .kernels.selection import select_blocks_triton
 
-        return select_blocks_triton(scores, threshold, q_len, k_len, block_size, causal)
-    return select_blocks_torch(scores, threshold, q_len, k_len, block_size, causal)
+        mask = select_blocks_triton(scores, threshold, q_len, k_len, block_size, causal)
+    else:
+        mask = select_blocks_torch(scores, threshold, q_len, k_len, block_size, causal)
+
+    candidate = candidate_blocks(q_len, k_len, block_size, causal, scores.device)
+    # A row whose mass is unknown (a NaN or inf score: from non-finite q or k, or a NaN user
+    # score) cannot be ranked; keeping all its candidates makes it dense, so it comes out NaN
+    # exactly where dense attention would, instead of plausible numbers from the forced blocks.
+    unknown = ~torch.isfinite(scores).all(-1)
+    if inputs is not None:
+        q, k, v = inputs
+        unknown |= _nonfinite_blocks(q, block_size)
+        bad_keys = _nonfinite_blocks(k, block_size) | _nonfinite_blocks(v, block_size)
+        bad_keys = bad_keys.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        mask |= bad_keys.unsqueeze(-2) & candidate
+    mask |= unknown.unsqueeze(-1) & candidate
+    return mask
+
+
+def _nonfinite_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Bool ``[B, H, ceil(L/Bs)]``: blocks of ``x [B, H, L, D]`` holding a NaN or an inf.
+
+    Tested through the row sums over ``D``: a NaN or inf always makes the sum non-finite, and a
+    finite sum that overflows only keeps a block more, never one less.
+    """
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bad = ~torch.isfinite(x.sum(-1, dtype=work))
+    n = num_blocks(x.shape[-2], block_size)
+    bad = F.pad(bad, (0, n * block_size - x.shape[-2]))
+    return bad.unflatten(-1, (n, block_size)).any(-1)
+
+
+def _canonical_scores(
+    scores: torch.Tensor, candidate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """User scores as the backends expect them, and the ``+inf`` candidates to keep besides.
+
+    A copy where non-candidates and ``-inf`` are 0 (no mass), and rows holding a ``+inf``
+    candidate are reduced to 1 on those candidates and 0 elsewhere: the infinite blocks hold all
+    the mass. NaN candidates stay NaN, so ``_select`` keeps their whole row.
+    """
+    s = scores.masked_fill(~candidate, 0.0)
+    s.masked_fill_(s == float("-inf"), 0.0)
+    infinite = s == float("inf")
+    finite_in_inf_row = infinite.any(-1, keepdim=True) & ~infinite & ~s.isnan()
+    s.masked_fill_(finite_in_inf_row, 0.0)
+    s.masked_fill_(infinite, 1.0)
+    return s, infinite
+
+
+def _keep_top_of_empty_rows(mask: torch.Tensor, scores: torch.Tensor) -> None:
+    """In place: a row the rule left empty (no forced blocks and a candidate total <= 0) keeps
+    its top-scoring block (the lowest index among ties), so every query row sees some key."""
+    empty = ~mask.any(-1, keepdim=True)
+    top = scores.argmax(-1, keepdim=True)
+    mask.scatter_(-1, top, mask.gather(-1, top) | empty)
 
 
 def select_blocks_torch(

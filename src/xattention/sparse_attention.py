@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from ._validation import check_backend, check_block_mask, check_block_size, check_qkv, check_scale
+from ._validation import (
+    check_backend,
+    check_block_mask,
+    check_block_size,
+    check_bool,
+    check_qkv,
+    check_scale,
+)
 from .block_layout import num_blocks
 
 # Elements of one chunk's [B, Hq, rows, Lk] logits in the PyTorch path (~256 MiB in fp32).
@@ -60,9 +67,10 @@ def block_sparse_attention(
     block_size = check_block_size(block_size)
     mask = check_block_mask(mask, shape, block_size)
     scale = check_scale(scale, shape.head_dim)
+    causal = check_bool("causal", causal)
+    return_lse = check_bool("return_lse", return_lse)
     backend = check_backend(backend)
-    return _sparse_attention(q, k, v, mask, block_size, bool(causal), scale, backend,
-                             bool(return_lse))
+    return _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, return_lse)
 
 
 def _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, return_lse):
