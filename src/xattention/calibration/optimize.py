@@ -134,9 +134,11 @@ def solve_dp(density, cost, budget: float, feasible=None, resolution: int | None
         delta = 0.0
     else:
         delta = budget / k
-        # Round up (tiny tolerance so that exact multiples stay exact).
-        units = np.ceil(c / delta - 1e-9).astype(np.int64)
-        units = np.maximum(units, 0)
+        # Round up (tiny tolerance so that exact multiples stay exact). Options over the budget
+        # are dropped before the cast: with a tiny budget their unit count overflows int64.
+        units_f = np.maximum(np.ceil(c / delta - 1e-9), 0)
+        f = f & (units_f <= k)
+        units = np.where(f, units_f, 0).astype(np.int64)
     f = f & (units <= k)
     inf = np.inf
     best = np.zeros(k + 1)  # best[j]: min density of heads so far with rounded cost <= j

@@ -115,10 +115,9 @@ def attention_fidelity(
 def haystack_ids(tokenizer: Any, length: int, seed: int = 0) -> torch.Tensor:
     """``[1, length]`` token ids of real prose: Paul Graham essays (RULER's haystack) from a
     seeded random starting point."""
-    from .ruler import package_dir
+    from .ruler import load_haystack
 
-    path = package_dir() / "data" / "synthetic" / "json" / "PaulGrahamEssays.json"
-    text = json.loads(path.read_text())["text"]
+    text = load_haystack()
     rng = random.Random(seed)
     # ~4 characters a token: start early enough that `length` tokens remain.
     start = rng.randrange(0, max(1, len(text) - length * 6))

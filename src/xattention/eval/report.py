@@ -26,17 +26,25 @@ __all__ = ["summarize", "markdown_table", "plot_summary", "plot_layer_density",
            "plot_density_vs_delta", "write_report"]
 
 
-def _method_order(name: str) -> tuple:
-    """full first, then by stride, then by threshold (``xattn-t0.9-s8[-b64]``), then profiles."""
-    if name == "full":
+def _method_order(name: str, spec: dict[str, Any] | None) -> tuple:
+    """Full attention first, then fixed thresholds by stride and threshold, then profiles (and
+    records without a ``method_spec``) by name. ``spec`` is the record's ``method_spec``."""
+    if spec is None:
+        return (0 if name == "full" else 2, 0, 0.0, name)
+    if spec.get("profile") is not None:
+        return (2, 0, 0.0, name)
+    if spec.get("threshold") is None:
         return (0, 0, 0.0, name)
-    if not name.startswith("xattn-"):
-        return (2, 0, 0.0, name)
-    parts = {p[0]: p[1:] for p in name.split("-")[1:] if p}
-    try:
-        return (1, int(parts.get("s", 0)), float(parts.get("t", 0)), name)
-    except ValueError:
-        return (2, 0, 0.0, name)
+    return (1, int(spec["stride"]), float(spec["threshold"]), name)
+
+
+def _ordered(entries: Iterable[dict[str, Any]]) -> list[str]:
+    """Method names of summary entries (``{method: {..., "spec"}}``), in ``_method_order``."""
+    specs: dict[str, Any] = {}
+    for entry in entries:
+        for method, e in entry.items():
+            specs.setdefault(method, e.get("spec"))
+    return sorted(specs, key=lambda m: _method_order(m, specs[m]))
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -51,7 +59,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         groups[(rec["model"], int(rec["length"]))].append(rec)
     out: dict[str, Any] = {}
     for (model, length), recs in sorted(groups.items()):
-        methods = sorted({r["method"] for r in recs}, key=_method_order)
+        specs = {r["method"]: r.get("method_spec") for r in recs}
+        methods = sorted(specs, key=lambda m: _method_order(m, specs[m]))
         by_method: dict[str, dict[tuple[str, int], dict[str, Any]]] = defaultdict(dict)
         for r in recs:
             by_method[r["method"]][(r["task"], int(r["index"]))] = r
@@ -65,6 +74,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             else:
                 keys = set(by_method[m]) if full is None else set(by_method[m]) & set(full)
             entry[m] = _aggregate([by_method[m][k] for k in sorted(keys)])
+            entry[m]["spec"] = specs[m]
             if full is not None and m != "full":
                 same = _aggregate([full[k] for k in sorted(keys)])
                 entry[m]["full_same"] = same["average"]
@@ -168,7 +178,7 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
     for ax, model in zip(axes, models, strict=False):
         by_length = summary[model]
         lengths = sorted(by_length, key=int)
-        methods = sorted({m for e in by_length.values() for m in e}, key=_method_order)
+        methods = _ordered(by_length.values())
         width = 0.8 / max(1, len(methods))
         for j, m in enumerate(methods):
             xs, ys, dens = [], [], []
@@ -201,8 +211,8 @@ def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
     lengths = {m: sorted(summary[m], key=int) for m in models}
     cols = max((len(v) for v in lengths.values()), default=1)
     plt, fig, axes = _panels(cols * max(1, len(models)), 4.6, 4, rows=len(models))
-    methods = sorted({m for model in models for e in summary[model].values() for m in e
-                      if m != "full"}, key=_method_order)
+    methods = [m for m in _ordered(e for model in models for e in summary[model].values())
+               if m != "full"]
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     markers = {"8": "o", "16": "s"}
@@ -214,12 +224,15 @@ def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
                 continue
             length = lengths[model][c]
             plotted = 0
-            for method, e in sorted(summary[model][length].items(),
-                                    key=lambda kv: _method_order(kv[0])):
+            entry = summary[model][length]
+            for method in _ordered([entry]):
+                e = entry[method]
                 if method == "full" or "delta_vs_full" not in e:
                     continue
                 plotted += 1
-                stride = method.rsplit("-s", 1)[-1] if method.startswith("xattn-") else None
+                spec = e.get("spec") or {}
+                fixed = spec.get("threshold") is not None and spec.get("profile") is None
+                stride = str(spec["stride"]) if fixed else None
                 ax.errorbar(e["density"], e["delta_vs_full"], yerr=e.get("delta_se", 0),
                             fmt=markers.get(stride, "*"), markersize=7 if stride else 12,
                             capsize=3, label=method, color=color[method])
@@ -239,7 +252,7 @@ def plot_density_vs_delta(summary: dict[str, Any], path: str | Path) -> None:
             for h, lab in zip(handles, labels, strict=True):
                 seen.setdefault(lab, h)
         if seen:
-            order = sorted(seen, key=_method_order)
+            order = [m for m in methods if m in seen]
             axes[r * cols].legend([seen[m] for m in order], order, fontsize=7)
     _save(plt, fig, path)
 
