@@ -498,21 +498,32 @@ def test_calibrate_tiny_model_end_to_end(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
+def eval_cache(tmp_path_factory):
+    """This test session's evaluation cache (checked tokenizers, RULER samples): test_eval uses
+    the same folder, so a tokenizer is converted and a sample set generated once per run."""
+    path = tmp_path_factory.getbasetemp() / "xattention-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(eval_cache):
     pytest.importorskip("transformers")
     from xattention.eval.models import load_tokenizer
 
-    return load_tokenizer("smollm2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XATTENTION_CACHE", str(eval_cache))
+        return load_tokenizer("smollm2")
 
 
 @needs_ruler
 @needs_smollm2
-def test_retrieval_windows_end_with_the_answer(smollm2_tokenizer, tmp_path):
+def test_retrieval_windows_end_with_the_answer(smollm2_tokenizer, eval_cache):
     from xattention.calibration import retrieval_windows
 
     tok = smollm2_tokenizer
     windows = retrieval_windows(tok, 1024, 2, tasks=("niah_single_2", "vt"), seed=5, chat=True,
-                                cache_dir=str(tmp_path))
+                                cache_dir=str(eval_cache))
     # Round-robin over tasks, so any prefix covers every task.
     assert [w.source.split("#")[0] for w in windows] == ["niah_single_2", "vt"] * 2
     for w in windows:
@@ -525,7 +536,7 @@ def test_retrieval_windows_end_with_the_answer(smollm2_tokenizer, tmp_path):
         values = [v.strip() for v in answer.replace(",", " ").split()]
         assert values and all(v in prompt for v in values)  # the needles are in the haystack
     again = retrieval_windows(tok, 1024, 2, tasks=("niah_single_2", "vt"), seed=5, chat=True,
-                              cache_dir=str(tmp_path))
+                              cache_dir=str(eval_cache))
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(windows, again, strict=True))
     with pytest.raises(ValueError, match="per_task"):
         retrieval_windows(tok, 1024, 0)
@@ -545,12 +556,13 @@ def test_calibration_window_validation():
 
 @needs_ruler
 @needs_smollm2
-def test_calibrate_on_retrieval_windows(smollm2_tokenizer, tmp_path, monkeypatch):
+def test_calibrate_on_retrieval_windows(smollm2_tokenizer, eval_cache, monkeypatch):
     """A tiny random Llama speaking SmolLM2's vocabulary, calibrated on needle prompts: the held-out
     KL is measured on the answer tokens and the profile records which prompts it used."""
     from xattention.calibration import calibrate
 
-    monkeypatch.setenv("XATTENTION_CACHE", str(tmp_path))
+    # niah_single_2's samples (seed 5, 2 of them) are the ones the test above generated.
+    monkeypatch.setenv("XATTENTION_CACHE", str(eval_cache))
     tok = smollm2_tokenizer
     model = _tiny_llama(vocab_size=len(tok), bos_token_id=tok.bos_token_id)
     profile = calibrate(
