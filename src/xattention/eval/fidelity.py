@@ -161,8 +161,7 @@ def run_fidelity(
     thresholds = list(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     all_layers = xt.attention_layers(model)
     if layers is None:
-        sliding = {i for i, mods in all_layers.items()
-                   if any(getattr(m, "sliding_window", None) for m in mods)}
+        sliding = xt._sliding_layers(model, all_layers)
         full = [i for i in sorted(all_layers) if i not in sliding]
         picks = sorted({full[round(j * (len(full) - 1) / 3)] for j in range(4)}) \
             if len(full) > 4 else full
