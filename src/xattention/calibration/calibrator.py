@@ -139,7 +139,8 @@ class Calibrator:
     def heldout(self) -> HeldOut:
         """Held-out windows with their dense reference (computed on first use)."""
         if self._heldout is None:
-            self.curves  # noqa: B018 - the windows come with the measurement
+            if self._curves is None:
+                raise RuntimeError("no held-out windows yet: call Calibrator.measure() first")
             if not self.held:
                 raise ValueError("no held-out windows (heldout_windows=0 or verify=False)")
             cfg = self.config
