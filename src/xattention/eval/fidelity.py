@@ -153,7 +153,7 @@ def run_fidelity(
     """
     from ..integrations import transformers as xt
     from .models import load_model
-    from .runner import machine_info
+    from .records import machine_info
 
     torch.manual_seed(seed)
     model, tok = loaded if loaded is not None else load_model(model_name, device=device,
