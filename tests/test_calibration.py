@@ -498,21 +498,32 @@ def test_calibrate_tiny_model_end_to_end(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
+def eval_cache(tmp_path_factory):
+    """This test session's evaluation cache (checked tokenizers, RULER samples): test_eval uses
+    the same folder, so a tokenizer is converted and a sample set generated once per run."""
+    path = tmp_path_factory.getbasetemp() / "xattention-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(eval_cache):
     pytest.importorskip("transformers")
     from xattention.eval.models import load_tokenizer
 
-    return load_tokenizer("smollm2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XATTENTION_CACHE", str(eval_cache))
+        return load_tokenizer("smollm2")
 
 
 @needs_ruler
 @needs_smollm2
-def test_retrieval_windows_end_with_the_answer(smollm2_tokenizer, tmp_path):
+def test_retrieval_windows_end_with_the_answer(smollm2_tokenizer, eval_cache):
     from xattention.calibration import retrieval_windows
 
     tok = smollm2_tokenizer
     windows = retrieval_windows(tok, 1024, 2, tasks=("niah_single_2", "vt"), seed=5, chat=True,
-                                cache_dir=str(tmp_path))
+                                cache_dir=str(eval_cache))
     # Round-robin over tasks, so any prefix covers every task.
     assert [w.source.split("#")[0] for w in windows] == ["niah_single_2", "vt"] * 2
     for w in windows:
@@ -525,7 +536,7 @@ def test_retrieval_windows_end_with_the_answer(smollm2_tokenizer, tmp_path):
         values = [v.strip() for v in answer.replace(",", " ").split()]
         assert values and all(v in prompt for v in values)  # the needles are in the haystack
     again = retrieval_windows(tok, 1024, 2, tasks=("niah_single_2", "vt"), seed=5, chat=True,
-                              cache_dir=str(tmp_path))
+                              cache_dir=str(eval_cache))
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(windows, again, strict=True))
     with pytest.raises(ValueError, match="per_task"):
         retrieval_windows(tok, 1024, 0)
@@ -545,12 +556,13 @@ def test_calibration_window_validation():
 
 @needs_ruler
 @needs_smollm2
-def test_calibrate_on_retrieval_windows(smollm2_tokenizer, tmp_path, monkeypatch):
+def test_calibrate_on_retrieval_windows(smollm2_tokenizer, eval_cache, monkeypatch):
     """A tiny random Llama speaking SmolLM2's vocabulary, calibrated on needle prompts: the held-out
     KL is measured on the answer tokens and the profile records which prompts it used."""
     from xattention.calibration import calibrate
 
-    monkeypatch.setenv("XATTENTION_CACHE", str(tmp_path))
+    # niah_single_2's samples (seed 5, 2 of them) are the ones the test above generated.
+    monkeypatch.setenv("XATTENTION_CACHE", str(eval_cache))
     tok = smollm2_tokenizer
     model = _tiny_llama(vocab_size=len(tok), bos_token_id=tok.bos_token_id)
     profile = calibrate(
@@ -574,7 +586,7 @@ def test_calibrate_on_retrieval_windows(smollm2_tokenizer, tmp_path, monkeypatch
 
 def test_calibration_windows_defaults_follow_the_data():
     """Own text means prose (2 + 1 windows scored on their last eval_tokens); counts are checked."""
-    from xattention.calibration.run import calibration_windows
+    from xattention.calibration.data import calibration_windows
 
     tok = CharTokenizer()
     kw = dict(tasks=None, chat=None, seq_len=256, calib_windows=None, heldout_windows=None,
@@ -646,7 +658,7 @@ def test_retrieval_windows_answer_span_and_single_bos(monkeypatch, chat):
 def test_calibration_windows_retrieval_split(monkeypatch):
     """No text means retrieval: samples per task = ceil(total / tasks), the calibration and
     held-out windows share no prompt, and too few samples is an error naming the counts."""
-    from xattention.calibration.run import calibration_windows
+    from xattention.calibration.data import calibration_windows
 
     calls = []
     _fake_ruler(monkeypatch, calls)
@@ -684,3 +696,153 @@ def test_window_and_rows_types():
     for bad in [(1.5, 30), (1, 2, 3), 5]:
         with pytest.raises(TypeError, match="rows"):
             measure_layer(q, k, v, [1.0, 0.5], stride=4, block_size=16, backend="torch", rows=bad)
+
+
+# ------------------------------------------------------------------------------------------
+# Config, a cheap constructor, the budget search and degenerate calibrations
+
+
+def test_config_checks_each_field_by_name():
+    from xattention.calibration import CalibrationConfig
+
+    for bad, match in [(dict(min_recall=1.5), "min_recall"), (dict(seq_len=0), "seq_len"),
+                       (dict(proxy="kl"), "proxy"), (dict(method="greedy"), "method"),
+                       (dict(max_kl=-1.0), "max_kl"), (dict(grid=[0.9, -0.1]), "grid"),
+                       (dict(calib_windows=0), "calib_windows"), (dict(data="text"), "data"),
+                       (dict(verify=False), "proxy_budget"),
+                       (dict(reference_threshold=None), "reference_threshold or proxy_budget")]:
+        with pytest.raises(ValueError, match=match):
+            CalibrationConfig(**bad)
+    with pytest.raises(TypeError, match="grid"):
+        CalibrationConfig(grid="0.9,0.8")
+    with pytest.raises(TypeError, match=r"unknown calibration option\(s\) \['seqlen'\]"):
+        CalibrationConfig.build(seqlen=10)
+    base = CalibrationConfig(seq_len=512)
+    assert CalibrationConfig.build(base, stride=16) == CalibrationConfig(seq_len=512, stride=16)
+    assert CalibrationConfig(grid=[0.5, 1.0, 0.5]).thresholds == [1.0, 0.5]
+
+
+def test_calibrator_constructor_is_cheap():
+    """Making a Calibrator neither measures nor touches torch's global random state."""
+    from xattention.calibration import Calibrator
+
+    model = _tiny_llama()
+    state = torch.get_rng_state()
+    cal = Calibrator(model, CharTokenizer(), _text(), log=None, seq_len=256, block_size=32)
+    assert torch.equal(state, torch.get_rng_state())
+    assert cal.layers == [0, 1] and cal.calib == []
+    with pytest.raises(RuntimeError, match="measure"):
+        cal.curves  # noqa: B018
+
+
+def test_dp_tiny_budget_is_clean():
+    # A budget far below every sparse option's cost: before the fix the unit count overflowed
+    # int64 ("invalid value encountered in cast"); the zero-cost options must come back quietly.
+    d = np.array([[1.0, 0.5, 0.2], [1.0, 0.4, 0.3]])
+    c = np.array([[0.0, 0.3, 1.0], [0.0, 2.0, 3.0]])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = solve_dp(d, c, 3e-17)
+    assert res.choice.tolist() == [0, 0] and res.cost == 0.0
+
+
+def test_budget_ladder_stays_where_allocations_change():
+    from xattention.calibration.search import budget_ladder
+
+    rng = np.random.default_rng(5)
+    d, c, recall = random_curves(rng, 6, 5)
+    feasible = recall >= 0.8
+    feasible[:, 0] = True
+    ladder = budget_ladder(c, feasible, d, 8)
+    cheapest_move = c[feasible & (c > 0)].min()
+    lo, hi = cost_range(c, feasible, d)
+    assert ladder[0] == lo and ladder[-1] == pytest.approx(hi)
+    assert all(b >= cheapest_move * (1 - 1e-12) for b in ladder[1:])
+    assert ladder == sorted(ladder)
+    # Nothing to trade (every sparse option infeasible): the ladder is one rung.
+    only_dense = np.zeros_like(feasible)
+    only_dense[:, 0] = True
+    assert budget_ladder(c, only_dense, d, 8) == [cost_range(c, only_dense, d)[0]]
+
+
+def test_search_budget_finds_the_largest_acceptable_rung():
+    """With a loss that grows with the proxy cost, the search returns the sparsest allocation
+    of the ladder within the bound, probing each distinct allocation at most once."""
+    from xattention.calibration.search import budget_ladder, search_budget
+
+    rng = np.random.default_rng(11)
+    d, c, recall = random_curves(rng, 5, 6)
+    feasible = np.ones_like(d, dtype=bool)
+    ladder = budget_ladder(c, feasible, d, 12)
+
+    def allocate(b):
+        return solve_dp(d, c, b, feasible, resolution=500)
+
+    def evaluate(a):
+        return {"kl": a.cost, "density": a.density / 5, "loss_increase": 0.0}
+
+    bound = 0.5 * ladder[-1]
+    probed = []
+    res = search_budget(ladder, allocate, evaluate,
+                        lambda m: probed.append(m["kl"]) or m["kl"] <= bound, refine=0, heads=5)
+    allowed = [allocate(b) for b in ladder if allocate(b).cost <= bound]
+    assert res.allocation.density == pytest.approx(min(a.density for a in allowed))
+    assert res.metrics["kl"] <= bound and len(probed) == len(set(probed))
+    assert 1 < res.distinct <= len(ladder) and all(p["budget"] in ladder for p in res.log)
+
+
+def test_degeneracy_reasons():
+    from xattention.calibration.search import degeneracy
+
+    fine = {"calib_density": 0.3, "heldout_density": 0.32, "meets_budget": True,
+            "uniform_reference": {"threshold": 0.9, "density": 0.35, "kl": 0.01}}
+    assert degeneracy(fine, sparse_share=0.9, distinct=10, min_recall=0.8,
+                      max_kl=0.01) == ([], [])
+    dense = {**fine, "heldout_density": 0.995, "meets_budget": False}
+    hard, soft = degeneracy(dense, sparse_share=0.1, distinct=1, min_recall=0.8, max_kl=0.01)
+    assert len(hard) == 3 and "effectively dense (held-out density 0.995)" in hard[0]
+    assert "10% of the heads" in hard[1] and "nothing to trade" in hard[2]
+    assert len(soft) == 2 and "uniform threshold 0.9 is sparser (density 0.350)" in soft[0]
+    # Denser than uniform but sparse: not degenerate, a caveat only.
+    worse = {**fine, "heldout_density": 0.5}
+    assert degeneracy(worse, sparse_share=0.9, distinct=5, min_recall=0.8, max_kl=0.01)[0] == []
+
+
+def _sharp_tiny_llama():
+    # Random weights attend almost uniformly; scaled-up q/k give peaked, sparse attention.
+    model = _tiny_llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(20.0)
+    return model
+
+
+def test_degenerate_calibration_says_so():
+    """A recall floor no sparse option meets gives a dense profile: a RuntimeWarning and the
+    reasons in ``measured``; a floor that leaves options gives a sparse, quiet profile."""
+    import warnings
+
+    from xattention.calibration import calibrate
+
+    model = _sharp_tiny_llama()
+    kw = dict(stride=8, block_size=16, seq_len=512, calib_windows=1, heldout_windows=1,
+              eval_tokens=128, grid=threshold_grid(1.0, 0.8, 6), ladder=6, refine=2,
+              backend="torch", progress=False, log=None)
+    with pytest.warns(RuntimeWarning, match="calibration is degenerate: the profile is "
+                                            "effectively dense"):
+        dense = calibrate(model, CharTokenizer(), _text(6000), min_recall=0.8, **kw)
+    m = dense.measured
+    assert m["degenerate"] and m["heldout_density"] >= 0.98
+    assert any("uniform threshold 0.9 is sparser" in r for r in m["warnings"])
+    assert m["uniform_reference"]["density"] < 0.9
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparse = calibrate(model, CharTokenizer(), _text(6000), min_recall=0.3, **kw)
+    assert not any("calibration" in str(w.message) for w in caught)
+    m = sparse.measured
+    assert not m["degenerate"] and m["warnings"] == [] and m["meets_budget"]
+    assert m["heldout_density"] < m["uniform_reference"]["density"]
+    assert all(p["budget"] == 0 or p["budget"] >= 1e-9 for p in sparse.metadata["search"])

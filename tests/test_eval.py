@@ -14,15 +14,21 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from xattention.eval.models import load_tokenizer
-
-    return load_tokenizer("smollm2")
+def cache_dir(tmp_path_factory):
+    """This test session's evaluation cache (checked tokenizers, RULER samples), the folder
+    test_calibration uses too: each tokenizer is converted and each sample set made once."""
+    path = tmp_path_factory.getbasetemp() / "xattention-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xattn-cache")
+def tokenizer(cache_dir):
+    from xattention.eval.models import load_tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XATTENTION_CACHE", str(cache_dir))
+        return load_tokenizer("smollm2")
 
 
 # ------------------------------------------------------------------------------------------
@@ -362,3 +368,26 @@ def test_cli_registers_eval():
     assert args.layers == [0, 5]
     args = parser.parse_args(["eval", "report", "a.jsonl", "--out", "d"])
     assert args.results == ["a.jsonl"]
+
+
+def test_summary_orders_methods_by_their_spec():
+    """Labels say nothing about the setting: the order comes from each record's method_spec
+    (full, then fixed thresholds by stride and threshold, then profiles)."""
+    from dataclasses import asdict
+
+    from xattention.eval.report import markdown_table, summarize
+    from xattention.eval.runner import Method
+
+    methods = {"calibrated": Method(threshold=None, profile="p.json", label="calibrated"),
+               "zz-t0.9": Method(threshold=0.9, stride=8, label="zz-t0.9"),
+               "aa-t0.8-s16": Method(threshold=0.8, stride=16, label="aa-t0.8-s16"),
+               "mm-t0.5": Method(threshold=0.5, stride=8, label="mm-t0.5"),
+               "full": Method.full()}
+    recs = [dict(model="m", length=1024, task="a", index=0, method=name, score=50.0,
+                 density=1.0, method_spec=asdict(m)) for name, m in methods.items()]
+    s = summarize(recs)["m"]["1024"]
+    assert list(s) == ["full", "mm-t0.5", "zz-t0.9", "aa-t0.8-s16", "calibrated"]
+    assert s["zz-t0.9"]["spec"]["threshold"] == 0.9
+    rows = [line.split(" | ")[1] for line in markdown_table({"m": {"1024": s}}).splitlines()
+            if line.startswith("| 1024")]
+    assert rows == list(s)

