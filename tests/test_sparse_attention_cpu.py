@@ -34,6 +34,11 @@ def _run(q, k, v, mask, bs, causal, **kw):
                                   **kw)
 
 
+def _assert_exact(out, q, k, v, mask, bs, causal):
+    torch.testing.assert_close(out.double(), ref_sparse_attention(q, k, v, mask, bs, causal),
+                               **FP32)
+
+
 def _ref_lse(q, k, mask, bs, causal):
     """float64 log-sum-exp [B, Hq, Lq] of the visible logits (-inf where a row sees nothing)."""
     b, hq, lq, d = q.shape
@@ -69,7 +74,7 @@ def test_equal_counts_in_many_chunks(make_qkv, gen, softmax_path, tiny_chunks, l
     q, k, v = make_qkv(2, 4, 2, lq, lk, 16)
     mask = _equal_count_mask(gen, 2, 4, lq, lk, bs, causal, count=3)
     out, lse = _run(q, k, v, mask, bs, causal, return_lse=True)
-    torch.testing.assert_close(out.double(), ref_sparse_attention(q, k, v, mask, bs, causal), **FP32)
+    _assert_exact(out, q, k, v, mask, bs, causal)
     torch.testing.assert_close(lse.double(), _ref_lse(q, k, mask, bs, causal), **FP32)
 
 
@@ -79,7 +84,7 @@ def test_all_blocks_kept_is_dense(make_qkv, softmax_path, causal, lq, lk):
     q, k, v = make_qkv(1, 6, 2, lq, lk, 32)
     mask = torch.ones(1, 1, cdiv(lq, 16), cdiv(lk, 16), dtype=torch.bool)
     out = _run(q, k, v, mask, 16, causal)
-    torch.testing.assert_close(out.double(), ref_sparse_attention(q, k, v, mask, 16, causal), **FP32)
+    _assert_exact(out, q, k, v, mask, 16, causal)
 
 
 @pytest.mark.parametrize("lq,lk,causal", [(50, 50, True), (40, 75, True), (50, 70, False)])
@@ -94,7 +99,7 @@ def test_one_block_per_row(make_qkv, gen, softmax_path, lq, lk, causal):
     else:
         mask.scatter_(-1, torch.randint(nkb, (1, 2, nqb, 1), generator=gen), True)
     out = _run(q, k, v, mask, 16, causal)
-    torch.testing.assert_close(out.double(), ref_sparse_attention(q, k, v, mask, 16, causal), **FP32)
+    _assert_exact(out, q, k, v, mask, 16, causal)
 
 
 def test_very_uneven_rows(make_qkv, gen, softmax_path):
@@ -107,7 +112,7 @@ def test_very_uneven_rows(make_qkv, gen, softmax_path):
     dense_rows = torch.rand(2, 4, cand.shape[0], generator=gen) < 0.5
     mask |= dense_rows[..., None] & cand
     out = _run(q, k, v, mask, bs, True)
-    torch.testing.assert_close(out.double(), ref_sparse_attention(q, k, v, mask, bs, True), **FP32)
+    _assert_exact(out, q, k, v, mask, bs, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
