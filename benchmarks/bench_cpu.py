@@ -14,8 +14,12 @@ all of them alike; medians are reported, with the speed-up over dense SDPA next 
   served them (Linux, glibc). tracemalloc would not see torch's allocations.
 
 Writes ``results/cpu.json`` and ``results/cpu.md`` (machine, threads and load average named).
+On a machine shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: OpenMP's default spinning
+waiters then steal the cores from the threads they wait for, and code made of many parallel
+regions (the sparse path, the estimate) slows down several times while one fused kernel (dense
+SDPA) does not.
 
-    python benchmarks/bench_cpu.py --threads 1
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_cpu.py --memory
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), platform.processor() or "unknown")
     return {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_avg_1min": round(os.getloadavg()[0], 2),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -155,12 +160,13 @@ def bench_memory(args) -> list[dict]:
     return rows
 
 
-def write(meta: dict, speed: list[dict], memory: list[dict]) -> Path:
+def write(name: str, meta: dict, speed: list[dict], memory: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu.json").write_text(json.dumps({"meta": meta, "speed": speed,
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "speed": speed,
                                                   "memory": memory}, indent=2) + "\n")
     lines = ["# CPU: PyTorch block-sparse path and xattention() vs dense SDPA", "",
-             f"CPU: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} torch thread(s); "
+             f"CPU: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} torch thread(s), "
+             f"OMP_WAIT_POLICY {meta['omp_wait_policy']}; "
              f"torch {meta['torch']}; load average {meta['load_avg_1min']} at the start; "
              f"{meta['date']}.", "",
              f"B=1, {meta['heads']} query / {meta['kv_heads']} KV heads, D={meta['head_dim']}, "
@@ -183,7 +189,7 @@ def write(meta: dict, speed: list[dict], memory: list[dict]) -> Path:
         for r in memory:
             lines.append(f"| {r['length']} | {r['inputs_MiB']} | {r['estimate_peak_MiB']} | "
                          f"{r['sparse_peak_MiB']} |")
-    path = RESULTS / "cpu.md"
+    path = RESULTS / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -211,6 +217,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory")
     ap.add_argument("--memory-lengths", type=_ints, default=_ints("16k,32k,64k"))
+    ap.add_argument("--name", default="cpu", help="results/NAME.json and NAME.md")
     ap.add_argument("--note", default="", help="a sentence for the report (e.g. machine load)")
     args = ap.parse_args()
     if args.threads:
@@ -220,7 +227,7 @@ def main() -> None:
     speed = bench_speed(args)
     memory = bench_memory(args) if args.memory else []
     meta["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
-    path = write(meta, speed, memory)
+    path = write(args.name, meta, speed, memory)
     print(path.read_text())
 
 

@@ -82,7 +82,7 @@ OUT_TOL = {
 
 
 def dtypes_for(backend):
-    """The Triton interpreter mis-handles bf16 tl.dot (DESIGN.md section 6)."""
+    """The Triton interpreter mis-handles bf16 tl.dot (docs/design.md)."""
     if backend == "triton":
         return [torch.float32, torch.float16]
     return [torch.float32, torch.float16, torch.bfloat16]

@@ -198,9 +198,13 @@ def test_block_attention_mass_rejects_bad_input():
 
 
 def test_run_demo_returns_masks_and_metrics():
+    threads = torch.get_num_threads()
     result = demo.run_demo(seq_len=300, heads=2, kv_heads=1, head_dim=32, thresholds=(0.95,),
                            block_size=64, device="cpu", backend="torch", out=None,
-                           progress=False)
+                           progress=False, threads=1)
+    assert result.config["threads"] == 1 and torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="threads"):
+        demo.run_demo(seq_len=300, threads=0, out=None)
     assert [r.method for r in result.rows] == ["dense (SDPA)", "xattention"]
     row = result.rows[1]
     assert row.mask.shape == (1, 2, 5, 5) and row.mask.dtype == torch.bool
