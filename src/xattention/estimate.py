@@ -47,8 +47,9 @@ def estimate_block_scores(
 
     The PyTorch path works through runs of query groups, one chunk of at most ``2^24`` float32
     logits (64 MiB) at a time, never the full ``(L/S)^2`` matrix; with the strided copies of k
-    its measured peak is ~63 / 133 / 227 MiB at 16k / 32k / 64k tokens (B=1, 2 heads, D=64;
-    benchmarks/bench_cpu.py --memory): the 64 MiB chunk plus about three float32 copies of k.
+    its measured peak is ~65 / 130 / 230-330 MiB at 16k / 32k / 64k tokens (B=1, 2 heads,
+    D=64, two runs of benchmarks/bench_cpu.py --memory): the 64 MiB chunk plus a few float32
+    copies of k.
 
     Example:
         >>> import torch

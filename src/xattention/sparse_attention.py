@@ -49,8 +49,8 @@ def block_sparse_attention(
     The PyTorch path does work proportional to the kept blocks: per query block it gathers the
     kept key blocks and attends to them only. Its extra memory is float32 padded copies of q, k,
     v, the output (twice, briefly) and one chunk of ``2^24`` elements (~64 MiB: gathered K/V and
-    logits) whatever the length; measured peak ~67 / 135 / 249 MiB at 16k / 32k / 64k tokens
-    (B=1, 2 heads, D=64, 10% density; benchmarks/bench_cpu.py --memory).
+    logits) whatever the length; measured peak ~70 / 140 / 240-250 MiB at 16k / 32k / 64k
+    tokens (B=1, 2 heads, D=64, 10% density; two runs of benchmarks/bench_cpu.py --memory).
 
     Example:
         >>> import torch
