@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from xattention.synthetic import structured_qkv
+
 RESULTS = Path(os.environ.get("XATTENTION_BENCH_OUT", Path(__file__).parent / "results"))
 
 
@@ -43,27 +45,14 @@ def gpu_info() -> dict:
 
 
 def qkv(b, hq, hkv, lq, lk, d, dtype=torch.bfloat16, seed=0, structured=True):
-    """Inputs with LLM-like structure: a sink, local windows, a few heavy keys, noise."""
+    """Inputs on the GPU: the package's structured generator (sinks, local windows, heavy keys,
+    slash lines, retrieved passages, noise), or plain normal draws."""
+    if structured:
+        return structured_qkv(b, hq, hkv, lq, lk, d, seed=seed, dtype=dtype, device="cuda")[:3]
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(b, hq, lq, d, device="cuda", generator=g)
     k = torch.randn(b, hkv, lk, d, device="cuda", generator=g)
     v = torch.randn(b, hkv, lk, d, device="cuda", generator=g)
-    if structured:
-        # Local windows: queries and keys share a slowly rotating positional direction.
-        pos_k = torch.arange(lk, device="cuda", dtype=torch.float32)
-        freqs = 1.0 / (64.0 ** (torch.arange(d // 2, device="cuda") / (d // 2)))
-        ang_k = pos_k[:, None] * freqs[None, :] / 16
-        rot_k = torch.cat([ang_k.cos(), ang_k.sin()], -1)
-        rot_q = rot_k[lk - lq:]
-        q = q + 2.0 * rot_q
-        k = k + 2.0 * rot_k
-        # Sink and a few heavy "vertical" keys every query attends to.
-        heavy = torch.randint(0, lk, (8,), device="cuda", generator=g)
-        heavy = torch.cat([torch.zeros(1, dtype=torch.long, device="cuda"), heavy])
-        direction = torch.randn(d, device="cuda", generator=g)
-        direction = direction / direction.norm()
-        k[:, :, heavy] += 6.0 * direction
-        q = q + 1.5 * direction
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 

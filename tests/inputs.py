@@ -1,18 +1,12 @@
 """Structured and random test inputs (imported by conftest.py and the tests)."""
 
 import importlib.util
-import math
 
 import pytest
 import torch
 from reference import cdiv, ref_candidates, robust_rows
 
-
-def _pos_features(pos, n_freq, wavelengths):
-    """[len(pos), 2*n_freq] sin/cos features; dot(f(x), f(y)) = sum_w cos(w (x - y))."""
-    w = 2 * math.pi / wavelengths[:n_freq]
-    ang = pos[:, None].to(torch.float64) * w[None, :]
-    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+from xattention.synthetic import structured_qkv
 
 
 def make_structured_qkv(
@@ -27,52 +21,15 @@ def make_structured_qkv(
     sink_strength=6.0,
     local_strength=4.0,
     noise=1.0,
-    n_sinks=3,
 ):
-    """Attention inputs with realistic structure.
+    """Fresh structured inputs from the package's generator (xattention.synthetic): sinks, local
+    windows, heavy keys, slash lines, retrieved passages and noise, drawn from ``gen``.
 
-    * sink / vertical keys: key 0 plus a few random key positions get a large component along a
-      shared direction that most queries also carry -> big dot products to many queries;
-    * local windows: q at absolute position p and k at position c share sin/cos positional
-      features, so q.k peaks when |p - c| is small;
-    * noise on everything (random per head).
-    Queries are the last Lq of Lk positions (p(r) = Lk - Lq + r). Values are plain noise.
+    Queries are the last Lq of Lk positions. ``sink_strength`` and ``local_strength`` scale the
+    sink and local-window logits relative to their defaults (6 and 4).
     """
-    assert D >= 8 and Hq % Hkv == 0
-    n_freq = max(1, min(4, (D - 2) // 4))
-    wavelengths = torch.tensor([16.0, 40.0, 96.0, 256.0], dtype=torch.float64)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    scale_in = D**0.25  # q.k*scale ~= (dot of the unscaled features) when both are * D**0.25
-    q = noise * randn(B, Hq, Lq, D)  # logit noise std ~= noise
-    k = randn(B, Hkv, Lk, D)
-    v = randn(B, Hkv, Lk, D)
-
-    # positional (local-window) component in the first 2*n_freq dims
-    nf = 2 * n_freq
-    fq = _pos_features(torch.arange(Lk - Lq, Lk), n_freq, wavelengths)  # [Lq, nf]
-    fk = _pos_features(torch.arange(Lk), n_freq, wavelengths)  # [Lk, nf]
-    amp = math.sqrt(local_strength / n_freq)
-    for h in range(Hq):
-        q[:, h, :, :nf] += amp * fq * scale_in * (0.5 + torch.rand(1, generator=gen).item())
-    for h in range(Hkv):
-        k[:, h, :, :nf] += amp * fk * scale_in
-
-    # sink / vertical component along the next dimension
-    sd = nf
-    sinks = [0]
-    if Lk > 1:
-        extra = torch.randperm(Lk - 1, generator=gen)[: max(0, n_sinks - 1)] + 1
-        sinks += extra.tolist()
-    ks = torch.zeros(Lk, dtype=torch.float64)
-    for i, s in enumerate(sinks):
-        ks[s] = math.sqrt(sink_strength) * (1.0 if i == 0 else 0.7)
-    k[:, :, :, sd] += ks * scale_in
-    q_sink = (torch.rand(B, Hq, Lq, generator=gen, dtype=torch.float64) < 0.8).to(torch.float64)
-    q[:, :, :, sd] += q_sink * math.sqrt(sink_strength) * scale_in
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return structured_qkv(B, Hq, Hkv, Lq, Lk, D, generator=gen, dtype=dtype, noise=noise,
+                          sink_scale=sink_strength / 6.0, local_scale=local_strength / 4.0)[:3]
 
 
 def make_random_qkv(gen, B, Hq, Hkv, Lq, Lk, D, dtype=torch.float32, std=1.0):
@@ -125,7 +82,7 @@ OUT_TOL = {
 
 
 def dtypes_for(backend):
-    """The Triton interpreter mis-handles bf16 tl.dot (DESIGN.md section 6)."""
+    """The Triton interpreter mis-handles bf16 tl.dot (docs/design.md)."""
     if backend == "triton":
         return [torch.float32, torch.float16]
     return [torch.float32, torch.float16, torch.bfloat16]

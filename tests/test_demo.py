@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
-from xattention import demo
+from xattention import demo, stats
 from xattention.cli import main
+from xattention.stats import block_attention_mass
+from xattention.synthetic import structured_qkv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Small enough to keep each run around a second; --backend torch keeps the Triton interpreter
@@ -79,6 +81,18 @@ def test_cli_prints_table_and_writes_png(tmp_path, capsys):
 
     image = matplotlib.image.imread(out)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
+    # The three kinds of block have clearly different colours, all present in the picture.
+    from matplotlib.colors import to_rgb
+
+    from xattention.demo import plot
+
+    colours = [torch.tensor(to_rgb(c)) for c in (plot.KEPT, plot.DROPPED, plot.CAUSAL)]
+    pixels = torch.from_numpy(image[..., :3].copy()).reshape(-1, 3)
+    for c in colours:
+        assert ((pixels - c).abs().max(-1).values < 0.02).sum() > 100
+    for a in colours:
+        for b in colours:
+            assert a is b or (a - b).abs().max() > 0.25
 
 
 def test_without_matplotlib_prints_table_and_install_hint(tmp_path, capsys, monkeypatch):
@@ -87,7 +101,7 @@ def test_without_matplotlib_prints_table_and_install_hint(tmp_path, capsys, monk
     code, stdout, _ = run_cli(capsys, *SMALL, "--thresholds", "0.9", "--out", str(out))
     assert code == 0
     assert set(parse_table(stdout)) == {"dense", "0.9"}
-    assert "pip install" in stdout and "xattention[demo]" in stdout
+    assert 'pip install -e ".[demo]"' in stdout
     assert not out.exists()
 
 
@@ -101,9 +115,9 @@ def test_bad_arguments_exit_with_message(capsys):
 
 
 def test_inputs_are_seeded_and_shaped():
-    a = demo.make_structured_qkv(300, heads=4, kv_heads=2, head_dim=32, seed=3)
-    b = demo.make_structured_qkv(300, heads=4, kv_heads=2, head_dim=32, seed=3)
-    c = demo.make_structured_qkv(300, heads=4, kv_heads=2, head_dim=32, seed=4)
+    a = structured_qkv(1, 4, 2, 300, head_dim=32, seed=3)
+    b = structured_qkv(1, 4, 2, 300, head_dim=32, seed=3)
+    c = structured_qkv(1, 4, 2, 300, head_dim=32, seed=4)
     q, k, v, profiles = a
     assert q.shape == (1, 4, 300, 32) and k.shape == v.shape == (1, 2, 300, 32)
     assert q.dtype == k.dtype == v.dtype == torch.float32
@@ -112,12 +126,29 @@ def test_inputs_are_seeded_and_shaped():
         assert torch.equal(x, y)
     assert not torch.equal(a[0], c[0])
     with pytest.raises(ValueError, match="head_dim"):
-        demo.make_structured_qkv(64, head_dim=8)
+        structured_qkv(1, 8, 2, 64, head_dim=4)
+    with pytest.raises(ValueError, match="q_len"):
+        structured_qkv(1, 8, 2, 64, 32)
+    with pytest.raises(ValueError, match="kv_heads"):
+        structured_qkv(1, 8, 3, 64)
+
+
+def test_chunked_prefill_inputs_are_the_tail_of_the_full_sequence():
+    """Lq < Lk: the queries are the last Lq positions, so their logits against the keys follow
+    the same patterns (local window peaks near the query's own absolute position)."""
+    q, k, _, _ = structured_qkv(1, 4, 2, 200, 1000, head_dim=64, seed=1)
+    mass = block_attention_mass(q, k, block_size=100, causal=True)[0]  # [H, 2, 10]
+    assert mass.shape == (4, 2, 10)
+    # The query blocks sit at key blocks 8 and 9: next to the sink (block 0), their own block
+    # holds far more mass than the blocks in between.
+    middle = mass[:, :, 1:7].median()
+    assert mass[:, 0, 8].min() > 10 * middle and mass[:, 1, 9].min() > 10 * middle
+    assert mass[:, :, 0].min() > 10 * middle
 
 
 def test_inputs_have_sinks_and_local_windows():
-    q, k, v, _ = demo.make_structured_qkv(1024, heads=4, kv_heads=2, head_dim=64, seed=0)
-    mass = demo.true_block_mass(q, k, block_size=64)[0]  # [H, nQB, nKB]
+    q, k, v, _ = structured_qkv(1, 4, 2, 1024, head_dim=64, seed=0)
+    mass = block_attention_mass(q, k, block_size=64)[0]  # [H, nQB, nKB]
     sink = mass[:, 8:, 0].mean()  # query blocks well past the start
     diagonal = torch.diagonal(mass, dim1=-2, dim2=-1)[:, 8:].mean()
     # A typical block between the sink and the local window.
@@ -128,35 +159,52 @@ def test_inputs_have_sinks_and_local_windows():
     assert diagonal > 0.3  # most of a head's attention stays local
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("q_len,block_size", [(200, 64), (256, 64), (100, 128)])
-def test_true_block_mass_matches_dense_softmax(monkeypatch, q_len, block_size):
+def test_block_attention_mass_matches_dense_softmax(monkeypatch, q_len, block_size, causal):
     gen = torch.Generator().manual_seed(q_len)
     k_len = 256
     q = torch.randn(1, 4, q_len, 16, generator=gen)
     k = torch.randn(1, 2, k_len, 16, generator=gen)
     # Tiny chunks so that several chunks (and a short last block) are exercised.
-    monkeypatch.setattr(demo, "_MASS_CHUNK_BYTES", 1)
-    mass = demo.true_block_mass(q, k, block_size)
+    monkeypatch.setattr(stats, "_MASS_CHUNK_ELEMENTS", 1)
+    mass = block_attention_mass(q, k, block_size, causal=causal)
+    per_row = block_attention_mass(q, k, block_size, causal=causal, per_row=True)
 
-    kr = k.repeat_interleave(2, dim=1)
-    logits = q @ kr.transpose(-1, -2) / 4.0
-    pos = torch.arange(k_len - q_len, k_len)[:, None]
-    logits = logits.masked_fill(torch.arange(k_len)[None, :] > pos, float("-inf"))
+    kr = k.double().repeat_interleave(2, dim=1)
+    logits = q.double() @ kr.transpose(-1, -2) / 4.0
+    if causal:
+        pos = torch.arange(k_len - q_len, k_len)[:, None]
+        logits = logits.masked_fill(torch.arange(k_len)[None, :] > pos, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     n_qb, n_kb = -(-q_len // block_size), -(-k_len // block_size)
-    expected = torch.zeros(1, 4, n_qb, n_kb)
+    expected = torch.zeros(1, 4, n_qb, n_kb, dtype=torch.float64)
+    expected_rows = torch.zeros(1, 4, q_len, n_kb, dtype=torch.float64)
+    for j in range(n_kb):
+        expected_rows[..., j] = probs[..., j * block_size : (j + 1) * block_size].sum(-1)
     for i in range(n_qb):
-        for j in range(n_kb):
-            rows = probs[:, :, i * block_size : (i + 1) * block_size]
-            expected[:, :, i, j] = rows[..., j * block_size : (j + 1) * block_size].sum(-1).mean(-1)
-    torch.testing.assert_close(mass, expected, atol=1e-5, rtol=1e-4)
+        expected[:, :, i] = expected_rows[:, :, i * block_size : (i + 1) * block_size].mean(-2)
+    torch.testing.assert_close(mass.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(per_row.double(), expected_rows, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mass.sum(-1), torch.ones(1, 4, n_qb), atol=1e-5, rtol=0)
 
 
+def test_block_attention_mass_rejects_bad_input():
+    q = torch.randn(1, 3, 10, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        block_attention_mass(q, torch.randn(1, 2, 10, 8))
+    with pytest.raises(ValueError, match="block_size"):
+        block_attention_mass(q, q, block_size=0)
+
+
 def test_run_demo_returns_masks_and_metrics():
+    threads = torch.get_num_threads()
     result = demo.run_demo(seq_len=300, heads=2, kv_heads=1, head_dim=32, thresholds=(0.95,),
                            block_size=64, device="cpu", backend="torch", out=None,
-                           progress=False)
+                           progress=False, threads=1)
+    assert result.config["threads"] == 1 and torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="threads"):
+        demo.run_demo(seq_len=300, threads=0, out=None)
     assert [r.method for r in result.rows] == ["dense (SDPA)", "xattention"]
     row = result.rows[1]
     assert row.mask.shape == (1, 2, 5, 5) and row.mask.dtype == torch.bool

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from xattention import block_sparse_attention, estimate_block_scores, select_blocks, xattention
+from xattention.synthetic import structured_qkv
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,16 +25,8 @@ def _poison(monkeypatch):
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, device="cuda", generator=g)
-    k = torch.randn(b, hkv, lk, d, device="cuda", generator=g)
-    v = torch.randn(b, hkv, lk, d, device="cuda", generator=g)
-    # Heavy keys and a local-window component make the attention structured, not uniform.
-    k[:, :, :: max(lk // 7, 1)] *= 4
-    pos = torch.arange(lk, device="cuda", dtype=torch.float32)[:, None] / 64
-    k = k + torch.sin(pos * torch.arange(1, d + 1, device="cuda"))
-    q = q + torch.sin((pos[lk - lq:]) * torch.arange(1, d + 1, device="cuda"))
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    """Structured attention (sinks, local windows, heavy keys, ...) built on the GPU."""
+    return structured_qkv(b, hq, hkv, lq, lk, d, seed=seed, dtype=dtype, device="cuda")[:3]
 
 
 def _rel(a, b):

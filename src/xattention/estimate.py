@@ -1,4 +1,4 @@
-"""Antidiagonal block-score estimate (DESIGN.md §2), the first stage of XAttention.
+"""Antidiagonal block-score estimate (docs/design.md), the first stage of XAttention.
 
 For query group ``a`` (``S`` consecutive query rows) and key group ``b`` (``S`` consecutive keys),
 ``A(a, b)`` is the mean of the antidiagonal of their ``S x S`` tile of ``q k^T`` times ``scale``.
@@ -18,9 +18,8 @@ from ._backend import resolve_backend
 from ._validation import check_backend, check_block_params, check_bool, check_qkv, check_scale
 from .block_layout import num_blocks
 
-# Elements of the per-chunk score matrix in the PyTorch path (fp32: 4 bytes each). Bounds the peak
-# extra memory at ~256 MiB whatever the length.
-_CHUNK_ELEMENTS = 1 << 26
+# Elements of the per-chunk logits in the PyTorch path (float32: 4 bytes each, 64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def estimate_block_scores(
@@ -46,9 +45,11 @@ def estimate_block_scores(
     Returns:
         float32 ``[B, Hq, ceil(Lq/Bs), ceil(Lk/Bs)]``; each row sums to 1.
 
-    The PyTorch path works through query blocks in chunks: its peak extra memory is
-    ``min(all, ~2^26)`` float32 scores of one chunk (``B*Hq*rows/S*Lk/S``), never the full
-    ``(L/S)^2`` matrix.
+    The PyTorch path works through runs of query groups, one chunk of at most ``2^24`` float32
+    logits (64 MiB) at a time, never the full ``(L/S)^2`` matrix; with the strided copies of k
+    its measured peak is ~65 / 130 / 230-330 MiB at 16k / 32k / 64k tokens (B=1, 2 heads,
+    D=64, two runs of benchmarks/bench_cpu.py --memory): the 64 MiB chunk plus a few float32
+    copies of k.
 
     Example:
         >>> import torch
@@ -99,11 +100,18 @@ def strided_keys(k: torch.Tensor, stride: int, dtype: torch.dtype) -> torch.Tens
 def estimate_block_scores_torch(
     q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool, scale: float
 ) -> torch.Tensor:
-    """Chunked PyTorch implementation (the reference path; runs on any device)."""
+    """Chunked PyTorch implementation (the reference path; runs on any device).
+
+    Chunks are runs of query *groups* (not blocks), sized from the actual lengths, so a block
+    size far beyond the input costs nothing extra; a block's partial sums accumulate over chunks
+    and every block row is normalised at the end.
+    """
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = hq // hkv
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if stride >= lk:
+        return _single_group_scores(q, k, stride, block_size, scale, work)
     groups_per_block = block_size // stride
     nqb, nkb = num_blocks(lq, block_size), num_blocks(lk, block_size)
     nqg, nkg = num_blocks(lq, stride), num_blocks(lk, stride)
@@ -111,28 +119,64 @@ def estimate_block_scores_torch(
     k_str = strided_keys(k, stride, work).unsqueeze(2)  # [B, Hkv, 1, nKG, S*D]
     key_group_start = torch.arange(nkg, device=q.device) * stride
     offset = lk - lq
-    out = torch.empty(b, hq, nqb, nkb, dtype=torch.float32, device=q.device)
+    acc = torch.zeros(b, hkv, group, nqb, nkb, dtype=work, device=q.device)
 
-    per_block = b * hq * groups_per_block * nkg
-    blocks_per_chunk = max(1, _CHUNK_ELEMENTS // max(per_block, 1))
-    for i0 in range(0, nqb, blocks_per_chunk):
-        i1 = min(nqb, i0 + blocks_per_chunk)
-        a0, a1 = i0 * groups_per_block, min(nqg, i1 * groups_per_block)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(b * hq * nkg, 1))
+    for a0 in range(0, nqg, rows_per_chunk):
+        a1 = min(nqg, a0 + rows_per_chunk)
         rows = q[:, :, a0 * stride : min(lq, a1 * stride)]
         q_str = strided_queries(rows, stride, work).unflatten(1, (hkv, group))
-        logits = torch.matmul(q_str, k_str.transpose(-1, -2)) * (scale / stride)
+        logits = torch.matmul(q_str, k_str.transpose(-1, -2))  # [B, Hkv, G, na, nKG]
+        logits.mul_(scale / stride)
         if causal:
             group_last_row = torch.clamp((torch.arange(a0, a1, device=q.device) + 1) * stride,
                                          max=lq) - 1
             allowed = key_group_start[None, :] <= (group_last_row + offset)[:, None]
             logits.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)  # [B, Hkv, G, na, nKG]
-        # Sum key groups into key blocks, then query groups into query blocks.
-        probs = F.pad(probs, (0, nkb * groups_per_block - nkg))
-        probs = probs.unflatten(-1, (nkb, groups_per_block)).sum(-1)
-        na = a1 - a0
-        probs = F.pad(probs, (0, 0, 0, (i1 - i0) * groups_per_block - na))
-        block = probs.unflatten(-2, (i1 - i0, groups_per_block)).sum(-2)
-        block = block / block.sum(-1, keepdim=True)
-        out[:, :, i0:i1] = block.flatten(1, 2).to(torch.float32)
-    return out
+        probs = _softmax_(logits)
+        # Key groups summed into key blocks, then query groups added to their query block.
+        per_key_block = _sum_runs(probs, groups_per_block)  # [B, Hkv, G, na, nKB]
+        query_block = torch.arange(a0, a1, device=q.device) // groups_per_block
+        acc.index_add_(3, query_block, per_key_block)
+        del logits, probs, per_key_block  # before the next chunk is allocated: one at a time
+    acc /= acc.sum(-1, keepdim=True)
+    return acc.flatten(1, 2).to(torch.float32)
+
+
+def _single_group_scores(q, k, stride, block_size, scale, work) -> torch.Tensor:
+    """``stride >= Lk``: one key group (and one query group), so every softmax row is ``[1]`` and
+    the only key block holds all the mass. Padding to a whole group would cost ``stride * D``
+    memory for nothing; only the finiteness of the single logit ``A(0, 0)`` is computed, so that a
+    NaN or inf input still gives NaN scores, as the full computation would."""
+    b, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    rows = torch.arange(min(lq, max(0, stride - lk)), lq, device=q.device)  # rows with a partner
+    qr = q[:, :, rows].to(work).unflatten(1, (hkv, hq // hkv))
+    kr = k[:, :, stride - 1 - rows].to(work).unsqueeze(2)
+    logit = (qr * kr).sum(dim=(-1, -2)).flatten(1, 2) * (scale / stride)  # A(0, 0), [B, Hq]
+    # The padded product also multiplies every other entry by zero: a NaN or inf anywhere in the
+    # group makes A(0, 0) NaN there.
+    everything = q.to(work).sum(dim=(-1, -2)) + k.to(work).sum(dim=(-1, -2)).repeat_interleave(
+        hq // hkv, dim=1)
+    logit = logit + 0.0 * everything
+    ones = torch.ones(b, hq, num_blocks(lq, block_size), 1, dtype=work, device=q.device)
+    return (ones + 0.0 * logit[:, :, None, None]).to(torch.float32)  # softmax of one logit
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, in place: the chunk's logits are the only chunk-sized buffer."""
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
+
+
+def _sum_runs(x: torch.Tensor, run: int) -> torch.Tensor:
+    """Sums of consecutive runs of ``run`` entries along the last dim (the last run may be short),
+    without padding to whole runs: ``run`` may exceed the length by any amount."""
+    n = x.shape[-1]
+    full = n // run * run
+    parts = []
+    if full:
+        parts.append(x[..., :full].unflatten(-1, (n // run, run)).sum(-1))
+    if full < n:
+        parts.append(x[..., full:].sum(-1, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)

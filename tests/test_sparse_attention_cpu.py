@@ -1,0 +1,178 @@
+"""The PyTorch block-sparse path: it skips dropped blocks, batches rows of equal kept count, and
+stays exact to the float64 oracle on the masks where that is hardest (see docs/design.md)."""
+
+import math
+
+import pytest
+import torch
+from inputs import OUT_TOL
+from reference import cdiv, ref_candidates, ref_forced, ref_sparse_attention, ref_token_mask
+
+import xattention.sparse_attention as sa
+from xattention import block_sparse_attention
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(params=["fused", "explicit"])
+def softmax_path(request, monkeypatch):
+    """Both ways the wholly visible blocks are attended: torch's fused CPU kernel or the explicit
+    softmax (used off the CPU, or where torch lacks the kernel)."""
+    if request.param == "explicit":
+        monkeypatch.setattr(sa, "_fused_cpu_kernel", lambda: None)
+    return request.param
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """A chunk budget of one item, so that every group of equal count splits into many chunks."""
+    monkeypatch.setattr(sa, "_CHUNK_ELEMENTS", 1)
+
+
+def _run(q, k, v, mask, bs, causal, **kw):
+    return block_sparse_attention(q, k, v, mask, block_size=bs, causal=causal, backend="torch",
+                                  **kw)
+
+
+def _assert_exact(out, q, k, v, mask, bs, causal):
+    torch.testing.assert_close(out.double(), ref_sparse_attention(q, k, v, mask, bs, causal),
+                               **FP32)
+
+
+def _ref_lse(q, k, mask, bs, causal):
+    """float64 log-sum-exp [B, Hq, Lq] of the visible logits (-inf where a row sees nothing)."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    mask = mask.expand(b, hq, -1, -1)
+    out = torch.empty(b, hq, lq, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            vis = ref_token_mask(mask[bi, h], lq, lk, bs, causal)
+            logits = q[bi, h].double() @ k[bi, h // (hq // hkv)].double().T / math.sqrt(d)
+            out[bi, h] = torch.logsumexp(logits.masked_fill(~vis, float("-inf")), -1)
+    return out
+
+
+def _equal_count_mask(gen, b, h, lq, lk, bs, causal, count):
+    """Every row keeps exactly ``count`` candidates (all when fewer), forced blocks among them."""
+    cand = ref_candidates(lq, lk, bs, causal)
+    forced = ref_forced(lq, lk, bs, causal)
+    score = torch.rand(b, h, *cand.shape, generator=gen) + 2.0 * forced
+    score = score.masked_fill(~cand, -1.0)
+    top = score.topk(min(count, cand.shape[1]), dim=-1).indices
+    mask = torch.zeros(b, h, *cand.shape, dtype=torch.bool).scatter_(-1, top, True)
+    return mask & cand
+
+
+@pytest.mark.parametrize("lq,lk,bs,causal", [
+    (77, 77, 16, True),  # odd lengths: short last query and key block
+    (45, 100, 16, True),  # Lq < Lk, offset not a multiple of Bs: a two-block diagonal band
+    (48, 112, 16, True),  # Lq < Lk, aligned offset
+    (61, 83, 16, False),  # non-causal with a short last key block
+])
+def test_equal_counts_in_many_chunks(make_qkv, gen, softmax_path, tiny_chunks, lq, lk, bs, causal):
+    q, k, v = make_qkv(2, 4, 2, lq, lk, 16)
+    mask = _equal_count_mask(gen, 2, 4, lq, lk, bs, causal, count=3)
+    out, lse = _run(q, k, v, mask, bs, causal, return_lse=True)
+    _assert_exact(out, q, k, v, mask, bs, causal)
+    torch.testing.assert_close(lse.double(), _ref_lse(q, k, mask, bs, causal), **FP32)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("lq,lk", [(70, 70), (33, 90)])
+def test_all_blocks_kept_is_dense(make_qkv, softmax_path, causal, lq, lk):
+    q, k, v = make_qkv(1, 6, 2, lq, lk, 32)
+    mask = torch.ones(1, 1, cdiv(lq, 16), cdiv(lk, 16), dtype=torch.bool)
+    out = _run(q, k, v, mask, 16, causal)
+    _assert_exact(out, q, k, v, mask, 16, causal)
+
+
+@pytest.mark.parametrize("lq,lk,causal", [(50, 50, True), (40, 75, True), (50, 70, False)])
+def test_one_block_per_row(make_qkv, gen, softmax_path, lq, lk, causal):
+    """One kept block per row: the diagonal block (causal) or a random one (non-causal)."""
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16)
+    nqb, nkb = cdiv(lq, 16), cdiv(lk, 16)
+    mask = torch.zeros(1, 2, nqb, nkb, dtype=torch.bool)
+    if causal:  # the block holding each query block's first position: every row sees a key
+        first = torch.arange(nqb) * 16 + (lk - lq)
+        mask[..., torch.arange(nqb), first // 16] = True
+    else:
+        mask.scatter_(-1, torch.randint(nkb, (1, 2, nqb, 1), generator=gen), True)
+    out = _run(q, k, v, mask, 16, causal)
+    _assert_exact(out, q, k, v, mask, 16, causal)
+
+
+def test_very_uneven_rows(make_qkv, gen, softmax_path):
+    """Rows keeping every candidate next to rows keeping the sink only, in every head."""
+    lq, lk, bs = 90, 130, 16
+    q, k, v = make_qkv(2, 4, 1, lq, lk, 16)
+    cand = ref_candidates(lq, lk, bs, True)
+    mask = torch.zeros(2, 4, *cand.shape, dtype=torch.bool)
+    mask[..., 0] = True
+    dense_rows = torch.rand(2, 4, cand.shape[0], generator=gen) < 0.5
+    mask |= dense_rows[..., None] & cand
+    out = _run(q, k, v, mask, bs, True)
+    _assert_exact(out, q, k, v, mask, bs, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision(make_qkv, gen, softmax_path, dtype):
+    q, k, v = make_qkv(1, 4, 2, 75, 99, 32, dtype=dtype)
+    mask = _equal_count_mask(gen, 1, 4, 75, 99, 16, True, count=3)
+    out = _run(q, k, v, mask, 16, True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_sparse_attention(q, k, v, mask, 16, True),
+                               **OUT_TOL[dtype])
+
+
+def test_work_is_proportional_to_kept_blocks(make_qkv, gen, monkeypatch):
+    """The attention calls see exactly the kept candidate keys: dropped blocks are never read."""
+    lq = lk = 96
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16)
+    mask = _equal_count_mask(gen, 1, 2, lq, lk, 16, True, count=2)
+    mask[0, 0, -1] = True  # one row keeps everything
+    pairs = []
+    for name in ("_fused_part", "_masked_part"):
+        original = getattr(sa, name)
+
+        def counted(qs, ks, *rest, _original=original, **kw):
+            pairs.append(qs.shape[0] * qs.shape[1] * ks.shape[1])
+            return _original(qs, ks, *rest, **kw)
+
+        monkeypatch.setattr(sa, name, counted)
+    _run(q, k, v, mask, 16, True)
+    kept = (mask & ref_candidates(lq, lk, 16, True)).sum().item()
+    assert sum(pairs) == kept * 16 * 16
+
+
+def test_rows_that_see_no_key_are_zero_with_minus_inf_lse(make_qkv):
+    """Only a user mask can do this: with Lk - Lq not a multiple of Bs, keeping only the upper
+    block of the diagonal band hides every key from the block's first rows."""
+    lq, lk, bs = 32, 40, 16  # query block 0 sits at positions 8..23: band = key blocks 0 and 1
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16)
+    mask = torch.zeros(1, 1, 2, 3, dtype=torch.bool)
+    mask[..., 0, 1] = True  # keys 16..31: rows 0..7 (positions 8..15) see none of them
+    mask[..., 1, :] = True
+    out, lse = _run(q, k, v, mask, bs, True, return_lse=True)
+    assert (out[:, :, :8] == 0).all() and torch.isneginf(lse[:, :, :8]).all()
+    assert torch.isfinite(out[:, :, 8:]).all() and torch.isfinite(lse[:, :, 8:]).all()
+    full = ref_sparse_attention(q[:, :, 8:], k, v, torch.ones(1, 1, 2, 3, dtype=torch.bool),
+                                bs, True)
+    torch.testing.assert_close(out[:, :, 16:].double(), full[:, :, 8:], **FP32)
+
+
+def test_nan_in_a_kept_key_reaches_the_rows_that_see_it(make_qkv, softmax_path):
+    """A NaN must come out where dense attention would put it, never as a plausible number."""
+    lq = lk = 64
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16)
+    k[0, 0, 20, 3] = float("nan")  # key block 1
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 0] = True
+    mask[..., torch.arange(4), torch.arange(4)] = True
+    mask[..., 3, 1] = True  # query block 3 also reads key block 1
+    out = _run(q, k, v, mask, 16, True)
+    sees_nan = torch.zeros(lq, dtype=torch.bool)
+    sees_nan[20:32] = True  # the diagonal block 1, rows at or after the NaN key
+    sees_nan[48:] = True
+    assert out[:, :, sees_nan].isnan().all()
+    assert torch.isfinite(out[:, :, ~sees_nan]).all()
