@@ -1,9 +1,25 @@
-"""Shared fixtures: backends, reproducible per-test seeds, structured attention inputs."""
+"""Shared fixtures: backends, reproducible per-test seeds, structured attention inputs.
 
+The session runs in a temporary home for caches: nothing lands in the user's ``~/.cache``.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
-# Must happen before anything imports triton (DESIGN.md section 6).
+# Must happen before anything imports triton (docs/design.md).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("XATTENTION_POISON_OUTPUTS", "1")  # kernels' unwritten outputs read as NaN
+
+# Caches of this package, matplotlib, Hugging Face (tokenizers, hub) and anything else that follows
+# the XDG convention go to a directory of this session, removed at exit. Set before those libraries
+# are imported, since some read the variables only then. Installed model packages are read in place.
+_CACHE_HOME = tempfile.mkdtemp(prefix="xattention-tests-")
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
+for _var, _sub in [("XATTENTION_CACHE", "xattention"), ("MPLCONFIGDIR", "matplotlib"),
+                   ("HF_HOME", "huggingface"), ("XDG_CACHE_HOME", "")]:
+    os.environ[_var] = os.path.join(_CACHE_HOME, _sub)
 
 import zlib  # noqa: E402
 
@@ -11,68 +27,28 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from inputs import make_random_qkv, make_structured_qkv  # noqa: E402
 
+from xattention._backend import triton_import_error  # noqa: E402
+
 BACKENDS = ["torch", "triton"]
-
-
-def _triton_unavailable_reason():
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the environment
-        return f"triton not importable: {exc!r}"
-    try:
-        import xattention.kernels  # noqa: F401
-    except Exception as exc:
-        return f"xattention.kernels not importable: {exc!r}"
-    return None
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Backend name; 'triton' runs under the CPU interpreter and is skipped when unavailable."""
     if request.param == "triton":
-        reason = _triton_unavailable_reason()
+        reason = triton_import_error()
         if reason:
             pytest.skip(reason)
     return request.param
-
-
-@pytest.fixture(params=BACKENDS)
-def select_path(request, monkeypatch):
-    """Which select_blocks implementation runs.
-
-    select_blocks has no backend argument (DESIGN.md section 3): 'auto' picks the Triton kernel
-    under TRITON_INTERPRET=1 and the PyTorch path otherwise, so the variable is toggled for the
-    test. Interpreter runs are slow per row: tests keep them to a few block rows.
-    """
-    if request.param == "triton":
-        reason = _triton_unavailable_reason()
-        if reason:
-            pytest.skip(reason)
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
-
-
-@pytest.fixture
-def torch_select(monkeypatch):
-    """Run select_blocks on its PyTorch path (see select_path)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    """A NotImplementedError from the triton backend means 'not there yet': skip, don't fail."""
+    """An explicit backend="triton" may refuse an exotic block size (not a power of two) with a
+    ValueError naming block_size; backend="auto" must still serve it (tested apart)."""
     try:
         return (yield)
-    except NotImplementedError as exc:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if "triton" in (params.get("backend"), params.get("select_path")):
-            pytest.skip(f"triton backend raised NotImplementedError: {exc}")
-        raise
     except ValueError as exc:
-        # An explicit backend="triton" may refuse an exotic block size (not a power of two) with
-        # a ValueError naming block_size; backend="auto" must still serve it (tested apart).
         params = getattr(getattr(item, "callspec", None), "params", {})
         if (
             params.get("backend") == "triton"

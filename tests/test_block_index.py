@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from xattention._backend import triton_import_error
+
+if triton_import_error():
+    pytest.skip(triton_import_error(), allow_module_level=True)
 
 from xattention.kernels.sparse_attention import (  # noqa: E402
     build_block_index,

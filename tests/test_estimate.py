@@ -42,13 +42,19 @@ TORCH_CFGS = {
     "bs24": Cfg(1, 2, 2, 50, 61, 16, 24, 8),
     "larger": Cfg(1, 2, 1, 200, 260, 32, 32, 8),
     "s_eq_bs": Cfg(1, 2, 2, 40, 45, 16, 8, 8),
+    "hd8_gqa8": Cfg(1, 8, 1, 20, 45, 8, 16, 4),
+    "hd40_gqa4": Cfg(1, 4, 1, 20, 70, 40, 32, 1),
 }
-# triton backend (interpreter): a few tiles only
+# triton backend (interpreter): a few tiles only. Between them: head tiles of 1, 2, 4 and 8 query
+# heads; head_dim below, at and above the 16-wide chunk (8 and 40 are padded and masked); 16 and 32
+# key groups per tile (the two interpreter configs; the block-size grid reaches the fallback).
 TRITON_CFGS = {
     "square": Cfg(1, 2, 2, 32, 32, 16, 16, 4),
     "odd_chunk": Cfg(2, 2, 1, 37, 53, 16, 16, 8),
     "gqa4_2": Cfg(1, 4, 2, 20, 45, 16, 16, 4),
     "bs24": Cfg(1, 2, 1, 30, 50, 16, 24, 8),
+    "hd8_gqa8": Cfg(1, 8, 1, 20, 45, 8, 16, 4),
+    "hd40_gqa4": Cfg(1, 4, 1, 20, 70, 40, 32, 1),
 }
 ALL_CFGS = config_names(sorted(set(TORCH_CFGS) | set(TRITON_CFGS)))
 

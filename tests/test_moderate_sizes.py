@@ -22,7 +22,8 @@ TORCH_CASES = {
     "default_like": (2, 2, 1, 520, 520, 64, 128, 8),
 }
 TRITON_CASES = {
-    "two_tiles": (1, 1, 1, 260, 300, 16, 128, 16),
+    # two row tiles and two key tiles of the estimate at block size 128 (16 groups per tile)
+    "two_tiles": (1, 1, 1, 140, 200, 16, 128, 8),
     "short_q_long_k": (1, 2, 1, 7, 400, 16, 64, 8),
 }
 ALL = sorted(set(TORCH_CASES) | set(TRITON_CASES))

@@ -39,12 +39,18 @@ TORCH_CFGS = {
     "gqa6_1": Cfg(1, 6, 1, 33, 33, 32, 8),
     "one_row": Cfg(1, 2, 1, 1, 37, 16, 16),
     "bs24": Cfg(1, 2, 2, 50, 61, 16, 24),
+    "hd40": Cfg(1, 4, 1, 20, 40, 40, 16),
+    "hd12": Cfg(1, 2, 1, 20, 37, 12, 16),
 }
+# Interpreter: a few tiles. head_dim 40 is padded to 64 and masked; in float16, head_dim 12 gives
+# rows of 24 bytes, which the bulk-copy (TMA) path cannot address: that runs the plain-load config.
 TRITON_CFGS = {
     "square": Cfg(1, 2, 2, 32, 32, 16, 16),
     "odd_chunk": Cfg(2, 2, 1, 37, 53, 16, 16),
     "gqa4_2": Cfg(1, 4, 2, 20, 45, 16, 16),
     "bs24": Cfg(1, 2, 1, 30, 50, 16, 24),
+    "hd40": Cfg(1, 4, 1, 20, 40, 40, 16),
+    "hd12": Cfg(1, 2, 1, 20, 37, 12, 16),
 }
 ALL_CFGS = config_names(sorted(set(TORCH_CFGS) | set(TRITON_CFGS)))
 
@@ -73,7 +79,7 @@ def test_sparse_matches_reference_random_masks_fp32(backend, make_qkv, gen, name
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES[1:], ids=DTYPE_IDS[1:])
-@pytest.mark.parametrize("name", ["chunk_unaligned", "gqa6_1", "odd_chunk"])
+@pytest.mark.parametrize("name", ["chunk_unaligned", "gqa6_1", "odd_chunk", "hd12"])
 def test_sparse_matches_reference_half(backend, make_qkv, gen, name, dtype):
     skip_unsupported(backend, dtype)
     c = _cfg(backend, name)
@@ -88,7 +94,7 @@ def test_sparse_matches_reference_half(backend, make_qkv, gen, name, dtype):
 
 @pytest.mark.parametrize("bshape", ["11", "B1", "1H"])
 def test_sparse_mask_broadcasts_over_batch_and_heads(backend, make_qkv, gen, bshape):
-    c = _cfg(backend, "gqa4_2")
+    c = _cfg(backend, "gqa4_2" if backend == "torch" else "square")
     B = 2
     q, k, v = make_qkv(B, c.Hq, c.Hkv, c.Lq, c.Lk, c.D)
     mb = {"11": 1, "B1": B, "1H": 1}[bshape]
@@ -196,6 +202,8 @@ def test_sparse_non_contiguous_inputs(backend, make_qkv, gen):
 
 @pytest.mark.parametrize("bs", [16, 32, 64, 128, 256])
 def test_sparse_block_size_grid(backend, make_qkv, gen, bs):
+    if backend == "triton" and bs in (32, 128):
+        pytest.skip("the interpreter runs 16, 64 and 256: the same loop with 1, 4 and 16 tiles")
     q, k, v = make_qkv(1, 2, 1, 30, 70, 16)
     mask = random_block_mask(gen, 1, 2, 30, 70, bs, True, p=0.5)
     out = block_sparse_attention(q, k, v, mask, block_size=bs, backend=backend)

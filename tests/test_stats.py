@@ -7,8 +7,6 @@ from reference import cdiv, ref_candidates, ref_density, ref_forced
 
 from xattention import block_density, select_blocks
 
-pytestmark = pytest.mark.usefixtures("torch_select")  # select_blocks on its PyTorch path
-
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("shape", [(64, 64, 16), (45, 100, 16), (77, 77, 8)])
@@ -22,6 +20,7 @@ def test_density_matches_reference(gen, shape, causal):
         k_len=k_len,
         block_size=bs,
         causal=causal,
+        backend="torch",
     )
     d = block_density(mask, q_len, k_len, block_size=bs, causal=causal)
     overall, per_head = ref_density(mask, q_len, k_len, bs, causal)

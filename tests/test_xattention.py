@@ -29,8 +29,6 @@ TRITON_CASES = {
     "square": (1, 2, 2, 32, 32, 16, 16, 4),
     "chunk_unaligned": (1, 4, 2, 21, 45, 16, 16, 4),
 }
-ALL_CASES = sorted(set(TORCH_CASES) | set(TRITON_CASES))
-
 
 def _case(backend, name):
     return pick_config(TORCH_CASES, TRITON_CASES, backend, name)
@@ -40,9 +38,27 @@ def _xa(q, k, v, backend, S, Bs, **kw):
     return xattention(q, k, v, stride=S, block_size=Bs, backend=backend, **kw)
 
 
-@pytest.mark.parametrize("thr", [0.5, 0.9], ids=["t0.5", "t0.9"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("name", ALL_CASES)
+# One case per feature rather than the full product: every shape runs causal and non-causal
+# once between them, and each threshold on each side.
+PIPELINE = [
+    ("square", True, 0.9),
+    ("square", False, 0.5),
+    ("odd", True, 0.5),
+    ("odd", False, 0.9),
+    ("chunk_unaligned", True, 0.5),
+    ("chunk_unaligned", False, 0.9),
+    ("gqa6_1", True, 0.9),
+    ("gqa6_1", False, 0.5),
+    ("bs8", True, 0.5),
+    ("bs8", False, 0.9),
+]
+
+
+@pytest.mark.parametrize(
+    "name,causal,thr",
+    PIPELINE,
+    ids=[f"{n}-{'causal' if c else 'noncausal'}-t{t}" for n, c, t in PIPELINE],
+)
 def test_xattention_matches_reference_pipeline(backend, make_qkv, name, causal, thr):
     B, Hq, Hkv, Lq, Lk, D, Bs, S = _case(backend, name)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D)
@@ -61,7 +77,8 @@ def test_xattention_matches_reference_pipeline(backend, make_qkv, name, causal, 
     torch.testing.assert_close(out.double(), exp, **OUT_TOL[torch.float32])
     # and the pipeline agrees with the public building blocks
     sc = estimate_block_scores(q, k, stride=S, block_size=Bs, causal=causal, backend=backend)
-    m2 = select_blocks(sc, threshold=thr, q_len=Lq, k_len=Lk, block_size=Bs, causal=causal)
+    m2 = select_blocks(sc, threshold=thr, q_len=Lq, k_len=Lk, block_size=Bs, causal=causal,
+                       backend=backend)
     ok2 = robust_rows(sc, thr, Lq, Lk, Bs, causal, tol=1e-5)
     assert torch.equal(mask[ok2], m2[ok2])
 
@@ -85,9 +102,15 @@ def test_xattention_dtypes(backend, make_qkv, dtype):
     assert (mask | ~ref_forced(Lq, Lk, Bs, True)).all()
 
 
-@pytest.mark.parametrize("thr", [1.0, 3.0])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("name", ["chunk_unaligned", "gqa6_1", "odd"])
+GE_ONE = [(n, c, t) for n in ["chunk_unaligned", "gqa6_1", "odd"] for c, t in [(True, 1.0),
+                                                                               (False, 3.0)]]
+
+
+@pytest.mark.parametrize(
+    "name,causal,thr",
+    GE_ONE,
+    ids=[f"{n}-{'causal' if c else 'noncausal'}-t{t}" for n, c, t in GE_ONE],
+)
 def test_threshold_ge_one_equals_dense(backend, make_qkv, name, causal, thr):
     B, Hq, Hkv, Lq, Lk, D, Bs, S = _case(backend, name)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D)
@@ -139,7 +162,7 @@ def test_forced_blocks_kept_and_every_row_sees_a_key(backend, make_qkv, name):
     B, Hq, Hkv, Lq, Lk, D, Bs, S = _case(backend, name)
     q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D)
     forced = ref_forced(Lq, Lk, Bs, True)
-    for thr in [1e-3, 0.3, 0.9]:
+    for thr in [0.3] if backend == "triton" else [1e-3, 0.3, 0.9]:
         out, mask = _xa(q, k, v, backend, S, Bs, threshold=thr, return_mask=True)
         assert (mask | ~forced).all(), thr
         assert torch.isfinite(out).all()

@@ -23,6 +23,23 @@ def triton_import_error() -> str | None:
         from . import kernels  # noqa: F401
     except Exception as exc:  # ImportError, or triton failing on an odd platform
         return f"{type(exc).__name__}: {exc}"
+    return _interpreter_version_error()
+
+
+def _interpreter_version_error() -> str | None:
+    """Triton 3.6's interpreter converts loop bounds with int(array), which NumPy 2.4 refuses:
+    every kernel with a data-dependent loop fails (fixed in Triton 3.7; GPUs are unaffected)."""
+    if not interpreter_enabled():
+        return None
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of triton {triton.__version__} cannot run with numpy "
+                f"{numpy.__version__} (TRITON_INTERPRET=1 needs triton>=3.7, or numpy<2.4)")
     return None
 
 
@@ -43,6 +60,16 @@ def quick_tuning() -> bool:
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_timer():
+    """``do_bench`` for ``triton.autotune``: None (Triton's timer) on the GPU; under the interpreter
+    a timer that runs nothing. Timing interpreted kernels means nothing, and Triton before 3.8
+    benchmarks even a single pruned config through the GPU driver, which the interpreter lacks
+    ("0 active drivers"). The interpreter's prune keeps one config, so nothing is lost."""
+    if not interpreter_enabled():
+        return None
+    return lambda kernel_call, quantiles: [0.0] * len(quantiles)
 
 
 _warned: set[str] = set()

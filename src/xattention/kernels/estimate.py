@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled, new_output, quick_tuning
+from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
 
 _LOG2E = 1.4426950408889634
@@ -91,6 +91,7 @@ def _prune(configs, named_args, **kwargs):
     key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "IS_FP32"],
     prune_configs_by={"early_config_prune": _prune},
     # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
+    do_bench=autotune_timer(),
 )
 @triton.jit
 def _antidiagonal_estimate_fwd(

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled, new_output, quick_tuning
+from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
 
 _LOG2E = 1.4426950408889634
@@ -76,6 +76,7 @@ def _prune(configs, named_args, **kwargs):
     configs=_configs(),
     key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "len_bucket", "IS_FP32", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
+    do_bench=autotune_timer(),
 )
 @triton.jit
 def _block_sparse_attention_fwd(
