@@ -238,3 +238,70 @@ def test_selection_and_index_wide_rows(k_len):
         assert torch.equal(count, r_count) and torch.equal(full, r_full)
         kept = torch.arange(index.shape[-1], device="cuda") < count[..., None]
         assert torch.equal(index[kept], r_index[kept])
+
+
+# ---------------------------------------------------------------------------------------------
+# The optional FlashAttention-4 sparse stage and the dense path for short inputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fa4_or_skip():
+    from xattention.kernels.fa4 import fa4_import_error
+
+    reason = fa4_import_error()
+    if reason:
+        pytest.skip(f"flash-attn-4 not installed ({reason})")
+
+
+# b, hq, hkv, lq, lk, d
+FA4_SHAPES = [
+    (1, 8, 2, 2177, 2177, 128),
+    (2, 4, 4, 1000, 3001, 64),
+    (1, 6, 2, 4096, 4096, 128),
+]
+
+
+@pytest.mark.parametrize("shape", FA4_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_fa4_sparse_matches_reference(shape, causal):
+    _fa4_or_skip()
+    from xattention.kernels.fa4 import block_sparse_attention_fa4, fa4_unsupported_reason
+
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = _inputs(b, hq, hkv, lq, lk, d, torch.bfloat16, seed=lq)
+    assert fa4_unsupported_reason(q, k, 128) is None
+    g = torch.Generator(device="cuda").manual_seed(lk)
+    mask = torch.rand(b, hq, -(-lq // 128), -(-lk // 128), device="cuda", generator=g) < 0.3
+    mask[..., 0] = True
+    out, lse = block_sparse_attention_fa4(q, k, v, mask, 128, causal, d ** -0.5)
+    ref, ref_lse = block_sparse_attention(q.double(), k.double(), v.double(), mask, 128, causal,
+                                          backend="torch", return_lse=True)
+    assert out.shape == q.shape and not out.isnan().any()
+    assert _rel(out, ref) < 1e-2
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-2, rtol=1e-3)
+    # backend="auto" serves this through FA4.
+    auto = block_sparse_attention(q, k, v, mask, 128, causal)
+    assert torch.equal(auto, out)
+
+
+def test_fa4_through_xattention_matches_reference_path():
+    _fa4_or_skip()
+    q, k, v = _inputs(1, 8, 2, 8192, 8192, 128, torch.bfloat16, seed=12)
+    out, mask = xattention(q, k, v, threshold=0.9, return_mask=True, min_sparse_len=0)
+    ref = block_sparse_attention(q, k, v, mask, backend="torch")
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize(("lq", "lk", "causal"), [(1000, 1000, True), (700, 3000, True),
+                                                  (999, 999, False)])
+def test_short_inputs_run_dense_on_gpu(lq, lk, causal):
+    from xattention.kernels.dense import runs_dense
+
+    q, k, v = _inputs(1, 8, 2, lq, lk, 128, torch.bfloat16, seed=lq)
+    assert runs_dense(q, k, causal, "auto", None)  # far below the crossover
+    out, mask = xattention(q, k, v, threshold=0.5, causal=causal, return_mask=True)
+    ref = block_sparse_attention(q.double(), k.double(), v.double(), mask, causal=causal,
+                                 backend="torch")
+    assert _rel(out, ref) < 1e-2
+    sparse = xattention(q, k, v, threshold=0.5, causal=causal, min_sparse_len=0)
+    assert _rel(sparse, ref) > 0  # the sparse pipeline ran (and dropped blocks)

@@ -16,7 +16,7 @@ from reference import cdiv, ref_block_scores, ref_sparse_attention
 
 from xattention import block_sparse_attention, estimate_block_scores
 
-pytestmark = pytest.mark.skipif(
+interpreter_only = pytest.mark.skipif(
     not __import__("xattention._backend", fromlist=["x"]).interpreter_enabled(),
     reason="runs the kernels under TRITON_INTERPRET=1",
 )
@@ -38,6 +38,7 @@ ESTIMATE_SHAPES = [
 ]
 
 
+@interpreter_only
 @pytest.mark.parametrize("tile", ESTIMATE_TILES, ids=lambda t: "x".join(map(str, t)))
 @pytest.mark.parametrize("shape", ESTIMATE_SHAPES, ids=["bs128_s8", "gqa_bs16_s4"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
@@ -69,6 +70,7 @@ SPARSE_SHAPES = [
 ]
 
 
+@interpreter_only
 @pytest.mark.parametrize("tile", SPARSE_TILES, ids=lambda t: f"{t[0]}x{t[1]}{'tma' * t[2]}")
 @pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=["gqa_chunk", "square"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
@@ -94,6 +96,7 @@ def test_sparse_attention_each_tile_matches_reference(tile, shape, causal, gen, 
     assert err < 2e-3  # fp16 operands and output
 
 
+@interpreter_only
 def test_forced_config_is_released():
     """Leaving force_config restores the pruner's own choice (and clears the tuner's cache)."""
     from xattention.kernels import estimate as est
@@ -106,3 +109,45 @@ def test_forced_config_is_released():
         assert est._prune(est._configs(), {}, GPB=16, G_TILE=1, D_PAD=64) == [config]
     assert forced_config("_antidiagonal_estimate_fwd") is None
     assert est._prune(est._configs(), {}, GPB=16, G_TILE=1, D_PAD=64) != [config]
+
+
+# xattention() runs exact dense attention on inputs too short for the sparse pipeline to pay.
+
+
+@pytest.mark.parametrize(("lq", "lk", "causal"), [(50, 50, True), (30, 70, True), (40, 60, False)])
+def test_short_inputs_run_dense_when_asked(lq, lk, causal, gen):
+    from reference import ref_dense_attention
+
+    from xattention import xattention
+
+    q, k, v = _structured(gen, 1, 4, 2, lq, lk, 16, torch.float32)
+    out, mask = xattention(q, k, v, threshold=0.5, block_size=16, stride=4, causal=causal,
+                           min_sparse_len=lk + 1, backend="torch", return_mask=True)
+    ref = ref_dense_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    from xattention.block_layout import candidate_blocks
+
+    assert torch.equal(mask, candidate_blocks(lq, lk, 16, causal).expand_as(mask))
+    # At min_sparse_len <= Lk the sparse pipeline runs: threshold 0.5 drops blocks.
+    _, sparse_mask = xattention(q, k, v, threshold=0.5, block_size=16, stride=4, causal=causal,
+                                min_sparse_len=lk, backend="torch", return_mask=True)
+    assert sparse_mask.sum() < mask.sum()
+
+
+def test_automatic_switch_only_on_cuda_auto():
+    from xattention.kernels.dense import DENSE_FLOP_CROSSOVER, dense_flops, runs_dense
+
+    q, k = torch.zeros(1, 32, 4096, 128), torch.zeros(1, 8, 4096, 128)
+    assert dense_flops(q, k, True) == 4.0 * 32 * (4096 * 4097 // 2) * 128
+    assert not runs_dense(q, k, True, "auto", None)  # CPU tensors: never automatic
+    assert runs_dense(q, k, True, "torch", 5000) and not runs_dense(q, k, True, "auto", 4096)
+    assert DENSE_FLOP_CROSSOVER > 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "8k", True])
+def test_min_sparse_len_rejects_bad_values(bad):
+    from xattention import xattention
+
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.raises(ValueError, match="min_sparse_len"):
+        xattention(q, q, q, block_size=16, stride=4, backend="torch", min_sparse_len=bad)

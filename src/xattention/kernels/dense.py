@@ -1,0 +1,62 @@
+"""Dense attention for inputs too short for the sparse pipeline to pay for itself.
+
+``xattention()`` runs an estimate, a selection and the sparse kernel: four launches and some Python
+whose fixed cost exceeds what sparsity saves on short inputs. Below a crossover measured on the
+H200 (benchmarks/NOTES.md, "short inputs") it runs dense attention instead, which is exact. The
+crossover is expressed in dense FLOPs (``2 * B * Hq * Lq * Lk * D``, halved when causal), since the
+fixed cost is per call while the savings grow with heads, batch and length alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Dense causal FLOPs below which dense attention was faster than the whole xattention() call on
+# the H200 (see benchmarks/NOTES.md); on other GPUs it is a lead, overridable per call.
+DENSE_FLOP_CROSSOVER = 2.5e11
+
+
+def dense_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    pairs = lq * lk - (lq * (lq - 1) // 2 if causal else 0)
+    return 4.0 * b * hq * pairs * d
+
+
+def runs_dense(q: torch.Tensor, k: torch.Tensor, causal: bool, backend: str,
+               min_sparse_len: int | None) -> bool:
+    """Whether ``xattention()`` should skip the sparse pipeline for these inputs.
+
+    ``min_sparse_len`` None: automatic, only for ``backend="auto"`` on CUDA, by the FLOP
+    crossover; an int: dense when the key length is below it (0: always sparse).
+    """
+    if min_sparse_len is not None:
+        return k.shape[2] < min_sparse_len
+    if backend != "auto" or not q.is_cuda:
+        return False
+    return dense_flops(q, k, causal) < DENSE_FLOP_CROSSOVER
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    scale: float) -> torch.Tensor:
+    """Exact attention through SDPA (cuDNN first on CUDA), queries aligned to the end of the keys.
+
+    SDPA's ``is_causal`` aligns queries to the start of the keys, so ``Lq < Lk`` passes the
+    bottom-right causal mask explicitly; GQA repeats K/V (short inputs: a small copy).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    lq, lk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and lq != lk:
+        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        mask = torch.arange(lk, device=q.device)[None, :] <= rows
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=causal and lq == lk, scale=scale)
