@@ -174,7 +174,7 @@ def test_estimate_every_kept_config(shape, config, causal):
         got = estimate_block_scores(q, k, s, bs, causal, backend="triton")
     ref = estimate_block_scores(q.double(), k.double(), s, bs, causal, backend="torch")
     assert not got.isnan().any()
-    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-3)
+    torch.testing.assert_close(got.double(), ref.double(), atol=2e-5, rtol=1e-3)
 
 
 # b, hq, hkv, lq, lk, d, block_size

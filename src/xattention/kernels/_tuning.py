@@ -14,6 +14,21 @@ import triton
 
 _forced: dict[str, triton.Config] = {}
 
+# Shared memory one program may use on Hopper (H100/H200: 227 KiB with the opt-in). Configs over
+# it fail to compile there ("out of resource: shared memory"); the tuner would skip them at a
+# compile each, and the forced-config tests would fail on them, so the pruners drop them first.
+HOPPER_SMEM_BYTES = 232448
+
+
+def smem_limit(device=None) -> int:
+    """Per-program shared memory of ``device`` (the Hopper figure when unknown)."""
+    import torch
+
+    if device is None or getattr(device, "type", "") != "cuda":
+        return HOPPER_SMEM_BYTES
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", HOPPER_SMEM_BYTES))
+
 
 def forced_config(kernel_name: str) -> triton.Config | None:
     """The config a test forced on ``kernel_name``, or None (the pruners call this first)."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Dense causal FLOPs below which dense attention was faster than the whole xattention() call on
-# the H200 (see benchmarks/NOTES.md); on other GPUs it is a lead, overridable per call.
-DENSE_FLOP_CROSSOVER = 2.5e11
+# Dense FLOPs below which dense attention beat the whole xattention() call on the H200 (t=0.9,
+# benchmarks/results/xattention_crossover.md): at 32 heads, D=128 the sparse call lost at 4k
+# (1.4e11) and won at 8k (5.5e11, 1.2-2.4x); at 8 heads it lost at 8k and won at 16k: the same
+# FLOP counts. On other GPUs this is a lead; min_sparse_len overrides it per call.
+DENSE_FLOP_CROSSOVER = 4e11
 
 
 def dense_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .._backend import interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
-from ._tuning import forced_config
+from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 
 _LOG2E = 1.4426950408889634
 # Scratch for partial block sums of one launch, in bytes.
@@ -71,17 +71,26 @@ def _few_programs(row_groups: int, device: torch.device) -> bool:
     return triton.cdiv(row_groups, 128) < _sm_count(device.index or 0)
 
 
-def kept_configs(gpb: int, g_tile: int, d_pad: int, few_programs: bool = False
-                 ) -> list[triton.Config]:
+def _smem_bytes(c: triton.Config, g_tile: int, elem: int) -> int:
+    """Shared memory of the pipelined Q and K tiles (matches the compiler's figure on sm90)."""
+    m, bd = c.kwargs["ROWS"] * g_tile, c.kwargs["BLOCK_D"]
+    return c.num_stages * (m * bd + bd * c.kwargs["BLOCK_N"]) * elem
+
+
+def kept_configs(gpb: int, g_tile: int, d_pad: int, few_programs: bool = False, elem: int = 2,
+                 smem: int = HOPPER_SMEM_BYTES) -> list[triton.Config]:
     """The GPU configs full tuning chooses among for this block shape (tests walk all of them).
 
     ``few_programs``: the launch has fewer 128-row tiles than the GPU has SMs, so 64-row tiles,
-    which double the programs, are kept too.
+    which double the programs, are kept too. ``elem``: operand bytes; ``smem``: the per-program
+    shared memory limit.
     """
     kept = []
     for c in _gpu_configs():
         rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
         if rows < gpb or bn < gpb or c.kwargs["BLOCK_D"] > d_pad:
+            continue
+        if _smem_bytes(c, g_tile, elem) > smem:
             continue
         m = rows * g_tile
         if few_programs and m == 64 and bn == 128 and c.num_warps == 4 and c.num_stages < 4:
@@ -131,7 +140,8 @@ def _prune(configs, named_args, **kwargs):
     row_groups, device = named_args["row_groups"], named_args["Q"].device
     if quick_tuning():
         return [_quick_config(gpb, g_tile, d_pad, row_groups, device)]
-    return kept_configs(gpb, g_tile, d_pad, _few_programs(row_groups, device))
+    return kept_configs(gpb, g_tile, d_pad, _few_programs(row_groups, device),
+                        4 if kwargs["IS_FP32"] else 2, smem_limit(device))
 
 
 @triton.autotune(

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._backend import interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
-from ._tuning import forced_config
+from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 
 _LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -57,13 +57,20 @@ def _configs() -> list[triton.Config]:
     return _quick_configs() if quick_tuning() else _gpu_configs()
 
 
-def kept_configs(configs: list[triton.Config], block_size: int, head_dim: int, tma_ok: bool
-                 ) -> list[triton.Config]:
-    """The configs of ``configs`` tuning chooses among for this shape (tests walk all of them)."""
+def kept_configs(configs: list[triton.Config], block_size: int, head_dim: int, tma_ok: bool,
+                 elem: int = 2, smem: int = HOPPER_SMEM_BYTES) -> list[triton.Config]:
+    """The configs of ``configs`` tuning chooses among for this shape (tests walk all of them).
+
+    ``elem``: operand bytes; ``smem``: the per-program shared memory limit.
+    """
+    d_pad = max(16, triton.next_power_of_2(head_dim))
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if block_size % bm or block_size % bn:
+            continue
+        # Pipelined K and V tiles plus the resident Q tile (the compiler's figure on sm90).
+        if (c.num_stages * 2 * bn + bm) * d_pad * elem > smem:
             continue
         # Where the copy engine can serve, it won every shape we timed: tune among TMA configs.
         if c.kwargs["USE_TMA"] != tma_ok:
@@ -83,7 +90,9 @@ def _prune(configs, named_args, **kwargs):
     forced = forced_config("_block_sparse_attention_fwd")
     if forced is not None:
         return [forced]
-    return kept_configs(configs, kwargs["BLOCK_SIZE"], kwargs["HEAD_DIM"], kwargs["TMA_OK"])
+    device = named_args["Q"].device if "Q" in named_args else None
+    return kept_configs(configs, kwargs["BLOCK_SIZE"], kwargs["HEAD_DIM"], kwargs["TMA_OK"],
+                        4 if kwargs["IS_FP32"] else 2, smem_limit(device))
 
 
 @triton.autotune(
