@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from ._validation import check_backend, check_block_params, check_qkv, check_scale, check_threshold
-from .block_layout import candidate_blocks
 from .estimate import _estimate
-from .kernels.dense import dense_attention, runs_dense
+from .kernels.dense import dense_attention, dense_block_mask, runs_dense
 from .selection import _select
 from .sparse_attention import _sparse_attention
 
@@ -70,8 +69,8 @@ def xattention(
         out = dense_attention(q, k, v, causal, scale)
         if not return_mask:
             return out
-        cand = candidate_blocks(shape.q_len, shape.k_len, block_size, causal, q.device)
-        return out, cand.expand(shape.batch, shape.q_heads, *cand.shape).contiguous()
+        return out, dense_block_mask(shape.batch, shape.q_heads, shape.q_len, shape.k_len,
+                                     block_size, causal, q.device)
     scores = _estimate(q, k, stride, block_size, causal, scale, backend)
     mask = _select(scores, threshold, shape.q_len, shape.k_len, block_size, causal, backend)
     out = _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, False)

@@ -9,8 +9,12 @@ fixed cost is per call while the savings grow with heads, batch and length alike
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from ..block_layout import candidate_blocks
 
 # Dense FLOPs below which dense attention beat the whole xattention() call on the H200 (t=0.9,
 # benchmarks/results/xattention_crossover.md): at 32 heads, D=128 the sparse call lost at 4k
@@ -45,13 +49,16 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """Exact attention through SDPA (cuDNN first on CUDA), queries aligned to the end of the keys.
 
     SDPA's ``is_causal`` aligns queries to the start of the keys, so ``Lq < Lk`` passes the
-    bottom-right causal mask explicitly; GQA repeats K/V (short inputs: a small copy).
+    bottom-right causal mask explicitly; GQA repeats K/V (short inputs: a small copy) through
+    expand + reshape, since ``repeat_interleave`` waits for the GPU to size its output.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    group = q.shape[1] // k.shape[1]
+    b, hkv, lk_, d = k.shape
+    group = q.shape[1] // hkv
     if group > 1:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        k = k[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
+        v = v[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
     lq, lk = q.shape[2], k.shape[2]
     mask = None
     if causal and lq != lk:
@@ -62,3 +69,16 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                               is_causal=causal and lq == lk, scale=scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(q_len: int, k_len: int, block_size: int, causal: bool,
+                device: torch.device) -> torch.Tensor:
+    return candidate_blocks(q_len, k_len, block_size, causal, device)
+
+
+def dense_block_mask(batch: int, heads: int, q_len: int, k_len: int, block_size: int,
+                     causal: bool, device: torch.device) -> torch.Tensor:
+    """The mask a dense call reports: every candidate block (one copy from a cached pattern)."""
+    cand = _candidates(q_len, k_len, block_size, causal, device)
+    return cand.expand(batch, heads, *cand.shape).clone()
