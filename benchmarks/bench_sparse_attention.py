@@ -56,16 +56,17 @@ def main() -> None:
     flex = torch.compile(flex_attention, dynamic=False)
     bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     rows = []
-    for length in parse_lengths(args.lengths):
-        rows += bench_length(length, args, flex)
-        torch.cuda.empty_cache()
     cols = ["L", "method", "density", "ms", "tflops", "vs_fa4", "vs_cudnn", "speedup_vs_flex",
             "err_vs_sdpa", "err_vs_ours", "ms_incl_index"]
     meta = gpu_info() | {"heads": h, "kv_heads": hkv, "head_dim": d, "block_size": bs,
                          "dtype": "bfloat16", "causal": True,
                          "flash_attn_4": FA4_MISSING or _version("flash-attn-4")}
-    write_results(args.name, meta, rows, cols,
-                  f"Block-sparse attention, B=1, H={h}/{hkv}, D={d}, bf16, causal")
+    for length in parse_lengths(args.lengths):
+        rows += bench_length(length, args, flex)
+        torch.cuda.empty_cache()
+        # Written after every length: a run cut short by its time limit keeps what it measured.
+        write_results(args.name, meta, rows, cols,
+                      f"Block-sparse attention, B=1, H={h}/{hkv}, D={d}, bf16, causal")
     print_table(rows, cols)
 
 

@@ -172,17 +172,17 @@ def main() -> None:
         print_table(rows, cols)
         return
     rows = []
-    for length in parse_lengths(args.lengths):
-        rows += bench_length(length, args)
-        torch.cuda.empty_cache()
     cols = ["L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
     meta = gpu_info() | {"heads": args.heads, "kv_heads": args.kv_heads,
                          "head_dim": args.head_dim, "block_size": args.block_size,
                          "strides": args.strides, "dtype": "bfloat16", "causal": True,
                          "inputs": "structured synthetic (benchmarks/common.py:qkv)"}
-    write_results(args.name, meta, rows, cols,
-                  f"xattention() end to end, B=1, H={args.heads}/{args.kv_heads}, "
-                  f"D={args.head_dim}, bf16, causal")
+    for length in parse_lengths(args.lengths):
+        rows += bench_length(length, args)
+        torch.cuda.empty_cache()
+        write_results(args.name, meta, rows, cols,  # after every length (time limits)
+                      f"xattention() end to end, B=1, H={args.heads}/{args.kv_heads}, "
+                      f"D={args.head_dim}, bf16, causal")
     print_table(rows, cols)
 
 
