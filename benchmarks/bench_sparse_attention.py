@@ -1,8 +1,11 @@
-"""Block-sparse attention kernel vs FlexAttention on the same masks, and vs dense SDPA.
+"""Block-sparse attention kernel vs FlashAttention-4 and FlexAttention on the same masks, and vs
+dense SDPA (cuDNN, flash) and dense FA4.
 
 Run on a CUDA GPU:  python benchmarks/bench_sparse_attention.py --lengths 8k,32k,128k
 Writes results/sparse_attention.{json,md}. TFLOP/s count only the token pairs the kept blocks
-hold (causal pairs), the same basis for every method.
+hold (causal pairs), the same basis for every method. ``vs_fa4`` is FA4's time over the row's time
+on the same mask (block-sparse FA4; dense FA4 for dense rows): above 1 means faster than FA4. FA4
+rows are skipped, with a message, where ``flash-attn-4`` is not installed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,18 @@ from common import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattention import block_sparse_attention
+from xattention.kernels.fa4 import block_sparse_attention_fa4, fa4_block_lists, fa4_import_error
 from xattention.kernels.sparse_attention import block_sparse_attention_triton, build_block_index
+
+FA4_MISSING = fa4_import_error()
+if FA4_MISSING:
+    print(f"FlashAttention-4 rows skipped: flash-attn-4 is not importable ({FA4_MISSING})")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
 
 
 def rel_err(a, b):
@@ -42,15 +56,17 @@ def main() -> None:
     flex = torch.compile(flex_attention, dynamic=False)
     bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     rows = []
+    cols = ["L", "method", "density", "ms", "tflops", "vs_fa4", "vs_cudnn", "speedup_vs_flex",
+            "err_vs_sdpa", "err_vs_ours", "ms_incl_index"]
+    meta = gpu_info() | {"heads": h, "kv_heads": hkv, "head_dim": d, "block_size": bs,
+                         "dtype": "bfloat16", "causal": True,
+                         "flash_attn_4": FA4_MISSING or _version("flash-attn-4")}
     for length in parse_lengths(args.lengths):
         rows += bench_length(length, args, flex)
         torch.cuda.empty_cache()
-    cols = ["L", "method", "density", "ms", "tflops", "vs_cudnn", "speedup_vs_flex",
-            "err_vs_sdpa", "err_vs_ours", "ms_incl_index"]
-    meta = gpu_info() | {"heads": h, "kv_heads": hkv, "head_dim": d, "block_size": bs,
-                         "dtype": "bfloat16", "causal": True}
-    write_results(args.name, meta, rows, cols,
-                  f"Block-sparse attention, B=1, H={h}/{hkv}, D={d}, bf16, causal")
+        # Written after every length: a run cut short by its time limit keeps what it measured.
+        write_results(args.name, meta, rows, cols,
+                      f"Block-sparse attention, B=1, H={h}/{hkv}, D={d}, bf16, causal")
     print_table(rows, cols)
 
 
@@ -76,6 +92,22 @@ def bench_length(length: int, args, flex) -> list[dict]:
         ref_dense = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
     cudnn_ms = next((r["ms"] for r in rows if r["L"] == length and r["method"] == "sdpa_cudnn"),
                     float("nan"))
+    fa4_dense_ms = float("nan")
+    if FA4_MISSING is None:
+        from flash_attn.cute import flash_attn_func
+
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        fa4_dense = lambda: flash_attn_func(qt, kt, vt, softmax_scale=scale,  # noqa: E731
+                                            causal=True)
+        fa4_dense_ms = bench_ms(fa4_dense)
+        rows.append({"L": length, "method": "fa4_dense", "density": 1.0, "ms": fa4_dense_ms,
+                     "tflops": attention_tflops(dense_pairs, d, fa4_dense_ms),
+                     "vs_cudnn": cudnn_ms / fa4_dense_ms, "vs_fa4": 1.0,
+                     "err_vs_sdpa": rel_err(fa4_dense()[0].transpose(1, 2), ref_dense)})
+    for r in rows:
+        if r["method"].startswith("sdpa"):
+            r["vs_fa4"] = fa4_dense_ms / r["ms"]
+            r["vs_cudnn"] = cudnn_ms / r["ms"]
 
     densities = [1.0] + [float(x) for x in args.densities.split(",")]
     for density in densities:
@@ -91,7 +123,8 @@ def bench_length(length: int, args, flex) -> list[dict]:
                                                      block_index=index)
         out = ours()[0]
         ms = bench_ms(ours)
-        ms_with_index = bench_ms(lambda: block_sparse_attention(q, k, v, mask, bs, True))
+        ms_with_index = bench_ms(lambda: block_sparse_attention(q, k, v, mask, bs, True,
+                                                                backend="triton"))
         from xattention.kernels.sparse_attention import _block_sparse_attention_fwd as kernel
 
         row = {"L": length, "method": "xattention_sparse", "density": real_density, "ms": ms,
@@ -101,6 +134,21 @@ def bench_length(length: int, args, flex) -> list[dict]:
         if density >= 1.0:
             row["err_vs_sdpa"] = rel_err(out, ref_dense)
         rows.append(row)
+        fa4_ms = fa4_dense_ms if density >= 1.0 else float("nan")
+        if FA4_MISSING is None:
+            lists = fa4_block_lists(mask, length, length, bs, True)
+            fa = lambda: block_sparse_attention_fa4(q, k, v, mask, bs, True,  # noqa: E731
+                                                    scale, block_lists=lists)
+            fa_out = fa()[0]
+            fa_sparse_ms = bench_ms(fa)
+            rows.append({"L": length, "method": "fa4_block_sparse", "density": real_density,
+                         "ms": fa_sparse_ms, "tflops": attention_tflops(pairs, d, fa_sparse_ms),
+                         "vs_cudnn": cudnn_ms / fa_sparse_ms, "vs_fa4": 1.0,
+                         "err_vs_ours": rel_err(fa_out, out),
+                         "ms_incl_index": bench_ms(lambda: block_sparse_attention_fa4(
+                             q, k, v, mask, bs, True, scale))})
+            fa4_ms = fa_sparse_ms
+        row["vs_fa4"] = fa4_ms / ms
         if not args.no_flex:
             bm = flex_block_mask(mask, length, length, bs, True)
             fl = lambda: flex(q, k, v, block_mask=bm, scale=scale,  # noqa: E731
@@ -109,7 +157,8 @@ def bench_length(length: int, args, flex) -> list[dict]:
             fms = bench_ms(fl)
             rows.append({"L": length, "method": "flex_attention", "density": real_density,
                          "ms": fms, "tflops": attention_tflops(pairs, d, fms),
-                         "vs_cudnn": cudnn_ms / fms, "err_vs_ours": rel_err(fout, out)})
+                         "vs_cudnn": cudnn_ms / fms, "vs_fa4": fa4_ms / fms,
+                         "err_vs_ours": rel_err(fout, out)})
             row["speedup_vs_flex"] = fms / ms
     return rows
 

@@ -42,10 +42,23 @@ def dense_reference(q, k, v):
     return ms, flash_ms, ref
 
 
-def time_xattention(q, k, v, ref, thr, stride, bs, cudnn_ms) -> dict:
+def fa4_dense_ms(q, k, v) -> float:
+    """Dense causal FA4 (no K/V repeat: it maps GQA heads itself); NaN where not installed."""
+    from xattention.kernels.fa4 import fa4_import_error
+
+    if fa4_import_error():
+        return float("nan")
+    from flash_attn.cute import flash_attn_func
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return bench_ms(lambda: flash_attn_func(qt, kt, vt, causal=True))
+
+
+def time_xattention(q, k, v, ref, thr, stride, bs, cudnn_ms, min_sparse_len=0) -> dict:
+    """min_sparse_len=0 times the sparse pipeline at every length; None, the automatic switch."""
     length = q.shape[2]
-    run = lambda: xattention(q, k, v, threshold=thr, stride=stride, block_size=bs,
-                             return_mask=True)
+    run = lambda: xattention(q, k, v, threshold=thr, stride=stride, block_size=bs,  # noqa: E731
+                             return_mask=True, min_sparse_len=min_sparse_len)
     out, mask = run()
     ms = bench_ms(run)
     return {"ms": ms, "density": block_density(mask, length, length, bs)["overall"],
@@ -68,9 +81,13 @@ def bench_length(length: int, args) -> list[dict]:
     bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     q, k, v = qkv(1, h, hkv, length, length, d)
     cudnn_ms, flash_ms, ref = dense_reference(q, k, v)
-    rows = [{"L": length, "method": "sdpa_cudnn", "ms": cudnn_ms},
+    fa4_ms = fa4_dense_ms(q, k, v)
+    rows = [{"L": length, "method": "sdpa_cudnn", "ms": cudnn_ms, "speedup_vs_cudnn": 1.0},
             {"L": length, "method": "sdpa_flash", "ms": flash_ms,
              "speedup_vs_cudnn": cudnn_ms / flash_ms}]
+    if fa4_ms == fa4_ms:
+        rows.append({"L": length, "method": "fa4_dense", "ms": fa4_ms,
+                     "speedup_vs_cudnn": cudnn_ms / fa4_ms})
     for s in (int(x) for x in args.strides.split(",")):
         for thr in (float(t) for t in args.thresholds.split(",")):
             rows.append({"L": length, "method": f"xattention t={thr} S={s}"}
@@ -103,13 +120,48 @@ def bench_real(path: str, args) -> list[dict]:
     return rows
 
 
+def bench_crossover(args) -> list[dict]:
+    """Short inputs: the whole sparse call against dense cuDNN per length and head count, and the
+    automatic switch (min_sparse_len=None) that should never lose."""
+    rows = []
+    for heads in (h.split("/") for h in args.crossover.split(",")):
+        hq, hkv = int(heads[0]), int(heads[1])
+        for length in parse_lengths(args.lengths):
+            q, k, v = qkv(1, hq, hkv, length, length, args.head_dim)
+            cudnn_ms, _, ref = dense_reference(q, k, v)
+            base = {"heads": f"{hq}/{hkv}", "L": length, "cudnn_ms": cudnn_ms}
+            for stride in (int(x) for x in args.strides.split(",")):
+                sparse = time_xattention(q, k, v, ref, 0.9, stride, args.block_size, cudnn_ms)
+                auto = time_xattention(q, k, v, ref, 0.9, stride, args.block_size, cudnn_ms,
+                                       min_sparse_len=None)
+                rows.append(base | {"S": stride, "sparse_ms": sparse["ms"],
+                                    "sparse_vs_cudnn": sparse["speedup_vs_cudnn"],
+                                    "density": sparse["density"], "auto_ms": auto["ms"],
+                                    "auto_vs_cudnn": auto["speedup_vs_cudnn"]})
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = shape_arguments("xattention")
     ap.add_argument("--thresholds", default="0.9,0.95")
     ap.add_argument("--target-densities", default="0.1,0.2")
     ap.add_argument("--strides", default="8,16")
     ap.add_argument("--real", default="", help="a file written by capture_real_qkv.py")
+    ap.add_argument("--crossover", default="",
+                    help="head counts like 32/8,8/2: time short inputs sparse vs dense instead")
     args = ap.parse_args()
+    if args.crossover:
+        rows = bench_crossover(args)
+        cols = ["heads", "L", "S", "cudnn_ms", "sparse_ms", "sparse_vs_cudnn", "density",
+                "auto_ms", "auto_vs_cudnn"]
+        meta = gpu_info() | {"head_dim": args.head_dim, "block_size": args.block_size,
+                             "threshold": 0.9, "dtype": "bfloat16", "causal": True}
+        write_results(args.name + "_crossover", meta, rows, cols,
+                      f"Short inputs: xattention() (t=0.9) vs dense cuDNN, D={args.head_dim}, "
+                      "bf16, causal; auto = the automatic dense switch")
+        print_table(rows, cols)
+        return
     if args.real:
         rows = bench_real(args.real, args)
         cols = ["model", "layer", "L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
@@ -120,17 +172,17 @@ def main() -> None:
         print_table(rows, cols)
         return
     rows = []
-    for length in parse_lengths(args.lengths):
-        rows += bench_length(length, args)
-        torch.cuda.empty_cache()
     cols = ["L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
     meta = gpu_info() | {"heads": args.heads, "kv_heads": args.kv_heads,
                          "head_dim": args.head_dim, "block_size": args.block_size,
                          "strides": args.strides, "dtype": "bfloat16", "causal": True,
                          "inputs": "structured synthetic (benchmarks/common.py:qkv)"}
-    write_results(args.name, meta, rows, cols,
-                  f"xattention() end to end, B=1, H={args.heads}/{args.kv_heads}, "
-                  f"D={args.head_dim}, bf16, causal")
+    for length in parse_lengths(args.lengths):
+        rows += bench_length(length, args)
+        torch.cuda.empty_cache()
+        write_results(args.name, meta, rows, cols,  # after every length (time limits)
+                      f"xattention() end to end, B=1, H={args.heads}/{args.kv_heads}, "
+                      f"D={args.head_dim}, bf16, causal")
     print_table(rows, cols)
 
 

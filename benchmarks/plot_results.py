@@ -49,8 +49,34 @@ def plot_sparse() -> Path:
     return out
 
 
-def plot_end_to_end() -> Path:
-    data = _load("xattention")
+def plot_crossover() -> Path:
+    data = _load("xattention_crossover")
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for heads in sorted({r["heads"] for r in rows}):
+        for stride in sorted({r["S"] for r in rows}):
+            pts = sorted((r["L"], r["sparse_vs_cudnn"]) for r in rows
+                         if r["heads"] == heads and r["S"] == stride)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"heads {heads}, S={stride}")
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="cuDNN dense causal")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    lengths = sorted({r["L"] for r in rows})
+    ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("speedup over cuDNN (sparse call, t=0.9)")
+    ax.set_title(f"Short inputs: where sparsity starts to pay — {data['meta']['gpu']}",
+                 fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = RESULTS / "xattention_crossover.png"
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def plot_end_to_end(name: str = "xattention") -> Path:
+    data = _load(name)
     rows = [r for r in data["rows"] if "~" in r["method"]]
     lengths = sorted({r["L"] for r in rows})
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -70,11 +96,12 @@ def plot_end_to_end() -> Path:
     ax.set_title(f"Estimate + select + sparse attention — {data['meta']['gpu']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = RESULTS / "xattention_speedup.png"
+    out = RESULTS / ("xattention_speedup.png" if name == "xattention" else f"{name}_speedup.png")
     fig.savefig(out, dpi=120)
     return out
 
 
 if __name__ == "__main__":
-    for path in (plot_sparse(), plot_end_to_end()):
+    for path in (plot_sparse(), plot_end_to_end(), plot_end_to_end("xattention_gqa"),
+                 plot_crossover()):
         print("wrote", path)

@@ -126,3 +126,175 @@ def test_pointer_path_without_tma(monkeypatch):
     got, _ = sa.block_sparse_attention_triton(q, k, v, mask, 128, True, 128 ** -0.5)
     ref = block_sparse_attention(q, k, v, mask, backend="torch")
     assert _rel(got, ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Every config the pruners can keep, forced one by one (the tuner may pick any of them).
+# ---------------------------------------------------------------------------------------------
+
+# b, hq, hkv, lq, lk, d, block_size, stride: D=64/128/256, S=8/16, odd lengths, GQA, Lq < Lk.
+EST_CONFIG_SHAPES = [
+    (1, 4, 2, 2000, 3001, 256, 128, 8),  # the reported family: D=256, S=8, GQA 4/2
+    (1, 8, 2, 2177, 2177, 128, 128, 8),
+    (1, 4, 4, 1501, 2900, 64, 128, 16),
+    (1, 2, 1, 999, 999, 128, 64, 8),
+]
+
+
+def _estimate_cases():
+    from xattention.kernels import estimate as est
+
+    cases = []
+    for shape in EST_CONFIG_SHAPES:
+        b, hq, hkv, lq, lk, d, bs, s = shape
+        gpb, g_tile = bs // s, est._head_tile(hq // hkv)
+        d_pad = max(16, 1 << (d - 1).bit_length())
+        configs = est.kept_configs(gpb, g_tile, d_pad, False)
+        configs += [c for c in est.kept_configs(gpb, g_tile, d_pad, True) if c not in configs]
+        cases += [pytest.param(shape, c, id=f"{'-'.join(map(str, shape))}-{c}") for c in configs]
+    return cases
+
+
+@pytest.mark.parametrize(("shape", "config"), _estimate_cases())
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_estimate_every_kept_config(shape, config, causal):
+    from xattention.kernels import estimate as est
+    from xattention.kernels._tuning import force_config
+
+    b, hq, hkv, lq, lk, d, bs, s = shape
+    q, k, _ = _inputs(b, hq, hkv, lq, lk, d, torch.bfloat16, seed=lq + d)
+    with force_config(est._antidiagonal_estimate_fwd, config):
+        got = estimate_block_scores(q, k, s, bs, causal, backend="triton")
+    ref = estimate_block_scores(q.double(), k.double(), s, bs, causal, backend="torch")
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), ref.double(), atol=2e-5, rtol=1e-3)
+
+
+# b, hq, hkv, lq, lk, d, block_size
+SPARSE_CONFIG_SHAPES = [
+    (1, 8, 2, 2177, 2177, 128, 128),
+    (1, 4, 2, 1000, 3001, 64, 128),
+    (1, 4, 1, 1000, 1000, 256, 64),
+]
+
+
+def _sparse_cases():
+    from xattention.kernels import sparse_attention as sa
+
+    cases = []
+    for shape in SPARSE_CONFIG_SHAPES:
+        for tma in (True, False):
+            for c in sa.kept_configs(sa._gpu_configs(), shape[6], shape[5], tma):
+                cases.append(pytest.param(shape, c, id=f"{'-'.join(map(str, shape))}-{c}"))
+    return cases
+
+
+@pytest.mark.parametrize(("shape", "config"), _sparse_cases())
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_sparse_attention_every_kept_config(shape, config, causal, monkeypatch):
+    from xattention.kernels import sparse_attention as sa
+    from xattention.kernels._tuning import force_config
+
+    b, hq, hkv, lq, lk, d, bs = shape
+    if not config.kwargs["USE_TMA"]:
+        monkeypatch.setenv("XATTENTION_DISABLE_TMA", "1")  # the pointer path's inputs
+    q, k, v = _inputs(b, hq, hkv, lq, lk, d, torch.bfloat16, seed=lk + d)
+    g = torch.Generator(device="cuda").manual_seed(lq)
+    mask = torch.rand(b, hq, -(-lq // bs), -(-lk // bs), device="cuda", generator=g) < 0.4
+    mask[..., 0] = True
+    with force_config(sa._block_sparse_attention_fwd, config):
+        got, lse = block_sparse_attention(q, k, v, mask, bs, causal, backend="triton",
+                                          return_lse=True)
+    ref, ref_lse = block_sparse_attention(q.double(), k.double(), v.double(), mask, bs, causal,
+                                          backend="torch", return_lse=True)
+    assert not got.isnan().any()
+    assert _rel(got, ref) < 1e-2
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("k_len", [140_000, 300_000], ids=["8warps_select", "8warps_index"])
+def test_selection_and_index_wide_rows(k_len):
+    """The selection kernel switches to 8 warps past 1024 key blocks, the index builder past
+    2048: both launch shapes against the reference (few query rows keep it cheap)."""
+    from xattention.kernels.sparse_attention import build_block_index, build_block_index_torch
+
+    g = torch.Generator(device="cuda").manual_seed(k_len)
+    lq, bs = 300, 128
+    scores = torch.rand(1, 3, -(-lq // bs), -(-k_len // bs), device="cuda", generator=g) ** 4
+    scores = scores / scores.sum(-1, keepdim=True)
+    for causal in (True, False):
+        got = select_blocks(scores, 0.9, q_len=lq, k_len=k_len, causal=causal, backend="triton")
+        ref = select_blocks(scores, 0.9, q_len=lq, k_len=k_len, causal=causal, backend="torch")
+        assert torch.equal(got, ref)
+        index, count, full = build_block_index(got, lq, k_len, bs, causal)
+        r_index, r_count, r_full = build_block_index_torch(got, lq, k_len, bs, causal)
+        assert torch.equal(count, r_count) and torch.equal(full, r_full)
+        kept = torch.arange(index.shape[-1], device="cuda") < count[..., None]
+        assert torch.equal(index[kept], r_index[kept])
+
+
+# ---------------------------------------------------------------------------------------------
+# The optional FlashAttention-4 sparse stage and the dense path for short inputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fa4_or_skip():
+    from xattention.kernels.fa4 import fa4_import_error
+
+    reason = fa4_import_error()
+    if reason:
+        pytest.skip(f"flash-attn-4 not installed ({reason})")
+
+
+# b, hq, hkv, lq, lk, d
+FA4_SHAPES = [
+    (1, 8, 2, 2177, 2177, 128),
+    (2, 4, 4, 1000, 3001, 64),
+    (1, 6, 2, 4096, 4096, 128),
+]
+
+
+@pytest.mark.parametrize("shape", FA4_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_fa4_sparse_matches_reference(shape, causal):
+    _fa4_or_skip()
+    from xattention.kernels.fa4 import block_sparse_attention_fa4, fa4_unsupported_reason
+
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = _inputs(b, hq, hkv, lq, lk, d, torch.bfloat16, seed=lq)
+    assert fa4_unsupported_reason(q, k, 128) is None
+    g = torch.Generator(device="cuda").manual_seed(lk)
+    mask = torch.rand(b, hq, -(-lq // 128), -(-lk // 128), device="cuda", generator=g) < 0.3
+    mask[..., 0] = True
+    out, lse = block_sparse_attention_fa4(q, k, v, mask, 128, causal, d ** -0.5)
+    ref, ref_lse = block_sparse_attention(q.double(), k.double(), v.double(), mask, 128, causal,
+                                          backend="torch", return_lse=True)
+    assert out.shape == q.shape and not out.isnan().any()
+    assert _rel(out, ref) < 1e-2
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-2, rtol=1e-3)
+    # backend="auto" serves this through FA4.
+    auto = block_sparse_attention(q, k, v, mask, 128, causal)
+    assert torch.equal(auto, out)
+
+
+def test_fa4_through_xattention_matches_reference_path():
+    _fa4_or_skip()
+    q, k, v = _inputs(1, 8, 2, 8192, 8192, 128, torch.bfloat16, seed=12)
+    out, mask = xattention(q, k, v, threshold=0.9, return_mask=True, min_sparse_len=0)
+    ref = block_sparse_attention(q, k, v, mask, backend="torch")
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize(("lq", "lk", "causal"), [(1000, 1000, True), (700, 3000, True),
+                                                  (999, 999, False)])
+def test_short_inputs_run_dense_on_gpu(lq, lk, causal):
+    from xattention.kernels.dense import runs_dense
+
+    q, k, v = _inputs(1, 8, 2, lq, lk, 128, torch.bfloat16, seed=lq)
+    assert runs_dense(q, k, causal, "auto", None)  # far below the crossover
+    out, mask = xattention(q, k, v, threshold=0.5, causal=causal, return_mask=True)
+    ref = block_sparse_attention(q.double(), k.double(), v.double(), mask, causal=causal,
+                                 backend="torch")
+    assert _rel(out, ref) < 1e-2
+    sparse = xattention(q, k, v, threshold=0.5, causal=causal, min_sparse_len=0)
+    assert _rel(sparse, ref) > 0  # the sparse pipeline ran (and dropped blocks)

@@ -3,6 +3,8 @@
 ``auto`` picks Triton for CUDA tensors (and for CPU tensors under ``TRITON_INTERPRET=1``, which is
 how CI exercises the kernels) when the kernels support the inputs; otherwise the PyTorch path. A
 fast path that cannot serve says why once, then the reference path runs: never a silent fallback.
+For the sparse stage, ``auto`` on CUDA prefers FlashAttention-4 where it is installed and can serve
+(``kernels/fa4.py``), then the Triton kernel.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from ._validation import (
     check_threshold,
 )
 from .estimate import _estimate
+from .kernels.dense import dense_attention, dense_block_mask, runs_dense
 from .selection import _select
 from .sparse_attention import _sparse_attention
 
@@ -28,6 +29,7 @@ def xattention(
     scale: float | None = None,
     backend: str = "auto",
     return_mask: bool = False,
+    min_sparse_len: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """XAttention: attention over the blocks that antidiagonal scoring says matter.
 
@@ -43,6 +45,11 @@ def xattention(
         scale: softmax scale, ``1/sqrt(D)`` when None.
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
         return_mask: also return the bool block mask ``[B, Hq, ceil(Lq/Bs), ceil(Lk/Bs)]``.
+        min_sparse_len: short inputs run exact dense attention instead, since the estimate and
+            launches cost more than sparsity saves there. None (default): automatic, with
+            ``backend="auto"`` on CUDA only, below a dense-FLOP crossover measured on the H200
+            (docs/design.md); an int: dense when ``Lk < min_sparse_len`` (0: always sparse).
+            A dense call's mask keeps every candidate block.
 
     Returns:
         the attention output ``[B, Hq, Lq, D]`` in the dtype of ``q`` (and the mask if asked).
@@ -64,9 +71,26 @@ def xattention(
     backend = check_backend(backend)
     causal = check_bool("causal", causal)
     return_mask = check_bool("return_mask", return_mask)
+    min_sparse_len = _check_min_sparse_len(min_sparse_len)
 
+    if runs_dense(q, k, causal, backend, min_sparse_len):
+        out = dense_attention(q, k, v, causal, scale)
+        if not return_mask:
+            return out
+        return out, dense_block_mask(shape.batch, shape.q_heads, shape.q_len, shape.k_len,
+                                     block_size, causal, q.device)
     scores = _estimate(q, k, stride, block_size, causal, scale, backend)
     mask = _select(scores, threshold, shape.q_len, shape.k_len, block_size, causal, backend,
                    inputs=(q, k, v))
     out = _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, False)
     return (out, mask) if return_mask else out
+
+
+def _check_min_sparse_len(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"min_sparse_len must be None or an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"min_sparse_len must be >= 0, got {value}")
+    return value

@@ -86,6 +86,12 @@ def _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, return_
     chosen = resolve_backend(
         backend, q.device, sparse_attention_unsupported_reason(q, block_size), "sparse attention"
     )
+    if chosen == "triton" and backend == "auto" and q.is_cuda:
+        from .kernels.fa4 import block_sparse_attention_fa4, fa4_unsupported_reason
+
+        if fa4_unsupported_reason(q, k, block_size) is None:  # FA4 installed and able: faster
+            out, lse = block_sparse_attention_fa4(q, k, v, mask, block_size, causal, scale)
+            return (out, lse) if return_lse else out
     if chosen == "triton":
         from .kernels.sparse_attention import block_sparse_attention_triton
 

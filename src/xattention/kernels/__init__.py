@@ -1,4 +1,5 @@
-"""Triton kernels (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``).
+"""Fast paths: Triton kernels (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``), the
+optional FlashAttention-4 sparse stage (``fa4``) and dense attention for short inputs (``dense``).
 
 Each kernel sits in one module with its launcher. The ``*_unsupported_reason`` functions say why a
 kernel cannot serve given inputs (None when it can), so ``backend="auto"`` can warn and fall back.

@@ -21,6 +21,7 @@ walks the query length in chunks), so memory stays bounded at any length.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,19 +30,14 @@ import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
+from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 
 _LOG2E = 1.4426950408889634
 # Scratch for partial block sums of one launch, in bytes.
 _SCRATCH_BYTES = 512 << 20
 
 
-def _configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        # Small tiles keep the interpreter fast; BLOCK_D 16 walks the head_dim in chunks as large
-        # head dims do on the GPU. Two entries, because the autotuner prunes (and so adapts the
-        # tile to the block shape) only when it has more than one config; _prune keeps one.
-        return [triton.Config({"ROWS": r, "BLOCK_N": r, "BLOCK_D": 16}, num_warps=4,
-                              num_stages=1) for r in (16, 32)]
+def _gpu_configs() -> list[triton.Config]:
     configs = []
     for rows in (16, 32, 64, 128, 256):
         for bn in (64, 128, 256):
@@ -53,22 +49,53 @@ def _configs() -> list[triton.Config]:
     return configs
 
 
-def _prune(configs, named_args, **kwargs):
-    gpb, g_tile, d_pad = kwargs["GPB"], kwargs["G_TILE"], kwargs["D_PAD"]
-    if quick_tuning() and not interpreter_enabled():  # the shape full tuning picked on H200
-        return [triton.Config({"ROWS": max(16, gpb, 128 // g_tile), "BLOCK_N": max(128, gpb),
-                               "BLOCK_D": min(d_pad, 64)}, num_warps=8, num_stages=3)]
+def _configs() -> list[triton.Config]:
     if interpreter_enabled():
-        fits = [c for c in configs if c.kwargs["ROWS"] >= gpb and c.kwargs["BLOCK_N"] >= gpb]
-        size = max(16, gpb)
-        return fits[:1] or [triton.Config({"ROWS": size, "BLOCK_N": size, "BLOCK_D": 16},
-                                          num_warps=4, num_stages=1)]
+        # Small tiles keep the interpreter fast; BLOCK_D 16 walks the head_dim in chunks as large
+        # head dims do on the GPU. Two entries, because the autotuner prunes (and so adapts the
+        # tile to the block shape) only when it has more than one config; _prune keeps one.
+        return [triton.Config({"ROWS": r, "BLOCK_N": r, "BLOCK_D": 16}, num_warps=4,
+                              num_stages=1) for r in (16, 32)]
+    return _gpu_configs()
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _few_programs(row_groups: int, device: torch.device) -> bool:
+    """Whether 128-row tiles would leave part of the GPU idle (short inputs, few heads)."""
+    if device.type != "cuda":
+        return False
+    return triton.cdiv(row_groups, 128) < _sm_count(device.index or 0)
+
+
+def _smem_bytes(c: triton.Config, g_tile: int, elem: int) -> int:
+    """Shared memory of the pipelined Q and K tiles (matches the compiler's figure on sm90)."""
+    m, bd = c.kwargs["ROWS"] * g_tile, c.kwargs["BLOCK_D"]
+    return c.num_stages * (m * bd + bd * c.kwargs["BLOCK_N"]) * elem
+
+
+def kept_configs(gpb: int, g_tile: int, d_pad: int, few_programs: bool = False, elem: int = 2,
+                 smem: int = HOPPER_SMEM_BYTES) -> list[triton.Config]:
+    """The GPU configs full tuning chooses among for this block shape (tests walk all of them).
+
+    ``few_programs``: the launch has fewer 128-row tiles than the GPU has SMs, so 64-row tiles,
+    which double the programs, are kept too. ``elem``: operand bytes; ``smem``: the per-program
+    shared memory limit.
+    """
     kept = []
-    for c in configs:
+    for c in _gpu_configs():
         rows, bn = c.kwargs["ROWS"], c.kwargs["BLOCK_N"]
         if rows < gpb or bn < gpb or c.kwargs["BLOCK_D"] > d_pad:
             continue
+        if _smem_bytes(c, g_tile, elem) > smem:
+            continue
         m = rows * g_tile
+        if few_programs and m == 64 and bn == 128 and c.num_warps == 4 and c.num_stages < 4:
+            kept.append(c)
+            continue
         if not 128 <= m <= 256:
             continue
         # Wide tiles (64 FLOP per byte of L2 traffic at 128x128, 85 at 128x256) pay only with 8
@@ -86,9 +113,43 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
+def _quick_config(gpb: int, g_tile: int, d_pad: int, row_groups: int,
+                  device: torch.device) -> triton.Config:
+    """The shape full tuning picked on the H200, with rows halved while the grid would leave SMs
+    idle (at 4k, S=16 has half the query groups of S=8 and ran 2.6x slower at 128 rows)."""
+    rows = max(16, gpb, 128 // g_tile)
+    floor = max(16, gpb)
+    if device.type == "cuda":
+        while rows > floor and triton.cdiv(row_groups, rows) < _sm_count(device.index or 0):
+            rows //= 2
+    warps = 8 if rows * g_tile >= 128 else 4
+    return triton.Config({"ROWS": rows, "BLOCK_N": max(128, gpb), "BLOCK_D": min(d_pad, 64)},
+                         num_warps=warps, num_stages=3)
+
+
+def _prune(configs, named_args, **kwargs):
+    forced = forced_config("_antidiagonal_estimate_fwd")
+    if forced is not None:
+        return [forced]
+    gpb, g_tile, d_pad = kwargs["GPB"], kwargs["G_TILE"], kwargs["D_PAD"]
+    if interpreter_enabled():
+        fits = [c for c in configs if c.kwargs["ROWS"] >= gpb and c.kwargs["BLOCK_N"] >= gpb]
+        size = max(16, gpb)
+        return fits[:1] or [triton.Config({"ROWS": size, "BLOCK_N": size, "BLOCK_D": 16},
+                                          num_warps=4, num_stages=1)]
+    row_groups, device = named_args["row_groups"], named_args["Q"].device
+    if quick_tuning():
+        return [_quick_config(gpb, g_tile, d_pad, row_groups, device)]
+    return kept_configs(gpb, g_tile, d_pad, _few_programs(row_groups, device),
+                        4 if kwargs["IS_FP32"] else 2, smem_limit(device))
+
+
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "IS_FP32"],
+    # len_bucket (keys) and rows_bucket (query groups x head tiles, i.e. how full the grid is):
+    # short inputs and chunked prefill (few query rows against many keys) tune apart.
+    key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "rows_bucket",
+         "IS_FP32"],
     prune_configs_by={"early_config_prune": _prune},
     # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
     do_bench=autotune_timer(),
@@ -99,7 +160,7 @@ def _antidiagonal_estimate_fwd(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_sb, stride_sh, stride_si,
-    len_bucket, q_heads, kv_heads, q_len, k_len,
+    len_bucket, rows_bucket, row_groups, q_heads, kv_heads, q_len, k_len,
     num_q_groups, num_k_groups, num_q_blocks, num_k_blocks,
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -170,7 +231,10 @@ def _antidiagonal_estimate_fwd(
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
         block_sums = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, GPB)), 2)
-        tl.store(p_ptrs + kt * NB_T + tl.arange(0, NB_T)[None, :], block_sums)
+        # The last key tile may reach past the last key block (a 256-group tile covers 256 / GPB
+        # blocks): those sums are all zero and would land in the next row's scratch.
+        kb_w = kt * NB_T + tl.arange(0, NB_T)
+        tl.store(p_ptrs + kb_w[None, :], block_sums, mask=(kb_w < num_k_blocks)[None, :])
         tl.store(t_ptrs + kt, m_new)
 
     # Read the partials back (written by other threads of this program: barrier first).
@@ -188,7 +252,7 @@ def _antidiagonal_estimate_fwd(
     for kt in range(0, num_k_tiles):
         kb = kt * NB_T + tl.arange(0, NB_T)
         if kt < n_tiles:
-            part = tl.load(p_ptrs + kb[None, :])
+            part = tl.load(p_ptrs + kb[None, :], mask=(kb < num_k_blocks)[None, :], other=0.0)
             w = tl.math.exp2(tl.load(t_ptrs + kt) - m_i) * inv_l
             contrib = tl.reshape(part * w[:, None], (QB_T, GPB, NB_T))
             score = tl.sum(contrib, 1) / groups_in_block[:, None]
@@ -219,9 +283,10 @@ def estimate_block_scores_triton(
     d_pad = max(16, triton.next_power_of_2(d))
     scores = new_output((b, hq, nqb, nkb), torch.float32, q.device)
 
-    # Scratch rows hold every key block plus one key tile of padding (the last tile may run past
-    # the keys), and one running max per key tile (tiles are at least 16 key groups wide).
-    partial_row_len = nkb + max(128 // gpb, 1)
+    # Scratch rows hold one partial sum per key block (stores past the last block are masked, so
+    # no tile width can overflow a row) and one running max per key tile (tl.dot needs tiles of
+    # at least 16 key groups).
+    partial_row_len = nkb
     tile_max_row_len = triton.cdiv(nkg, 16)
     row_bytes = b * hq * (partial_row_len + tile_max_row_len) * 4
     # Chunks hold whole query blocks and whole row tiles of any config (up to 256 rows), so no
@@ -234,9 +299,11 @@ def estimate_block_scores_triton(
     tile_max = torch.empty(b * hq * chunk_rows * tile_max_row_len, dtype=torch.float32,
                            device=q.device)
     len_bucket = int(math.log2(max(lk, 1024)))
+    head_tiles = b * hkv * ((hq // hkv) // g_tile)
 
     for a0 in range(0, nqg, chunk_rows):
         rows_here = min(chunk_rows, nqg - a0)
+        row_groups = rows_here * head_tiles
 
         def grid(meta, rows_here=rows_here):
             return (triton.cdiv(rows_here, meta["ROWS"]), b * hkv * ((hq // hkv) // g_tile))
@@ -246,7 +313,8 @@ def estimate_block_scores_triton(
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             scores.stride(0), scores.stride(1), scores.stride(2),
-            len_bucket, hq, hkv, lq, lk, nqg, nkg, nqb, nkb,
+            len_bucket, int(math.log2(row_groups)), row_groups, hq, hkv, lq, lk, nqg, nkg, nqb,
+            nkb,
             a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
             HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
             CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32,

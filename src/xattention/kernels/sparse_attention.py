@@ -22,20 +22,13 @@ import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
+from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 
 _LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
-def _configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        # One config per TMA setting; _prune keeps the one TMA_OK allows (the autotuner prunes
-        # only when it holds more than one config).
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": tma}, num_warps=4,
-                              num_stages=1) for tma in (True, False)]
-    if quick_tuning():
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": tma}, num_warps=4,
-                              num_stages=2) for tma in (False, True)]
+def _gpu_configs() -> list[triton.Config]:
     configs = []
     for bm in (64, 128):
         for bn in (64, 128):
@@ -50,16 +43,37 @@ def _configs() -> list[triton.Config]:
     return configs
 
 
-def _prune(configs, named_args, **kwargs):
-    block_size = kwargs["BLOCK_SIZE"]
-    head_dim = kwargs["HEAD_DIM"]
+def _quick_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "USE_TMA": tma}, num_warps=4,
+                          num_stages=2) for tma in (False, True)]
+
+
+def _configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        # One config per TMA setting; _prune keeps the one TMA_OK allows (the autotuner prunes
+        # only when it holds more than one config).
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": tma}, num_warps=4,
+                              num_stages=1) for tma in (True, False)]
+    return _quick_configs() if quick_tuning() else _gpu_configs()
+
+
+def kept_configs(configs: list[triton.Config], block_size: int, head_dim: int, tma_ok: bool,
+                 elem: int = 2, smem: int = HOPPER_SMEM_BYTES) -> list[triton.Config]:
+    """The configs of ``configs`` tuning chooses among for this shape (tests walk all of them).
+
+    ``elem``: operand bytes; ``smem``: the per-program shared memory limit.
+    """
+    d_pad = max(16, triton.next_power_of_2(head_dim))
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if block_size % bm or block_size % bn:
             continue
+        # Pipelined K and V tiles plus the resident Q tile (the compiler's figure on sm90).
+        if (c.num_stages * 2 * bn + bm) * d_pad * elem > smem:
+            continue
         # Where the copy engine can serve, it won every shape we timed: tune among TMA configs.
-        if c.kwargs["USE_TMA"] != kwargs["TMA_OK"]:
+        if c.kwargs["USE_TMA"] != tma_ok:
             continue
         # Large head dims need the smaller tiles to stay in registers.
         if head_dim >= 256 and (bm > 64 or bn > 64):
@@ -70,6 +84,15 @@ def _prune(configs, named_args, **kwargs):
         kept = [triton.Config({"BLOCK_M": tile, "BLOCK_N": tile, "USE_TMA": False}, num_warps=4,
                               num_stages=2)]
     return kept
+
+
+def _prune(configs, named_args, **kwargs):
+    forced = forced_config("_block_sparse_attention_fwd")
+    if forced is not None:
+        return [forced]
+    device = named_args["Q"].device if "Q" in named_args else None
+    return kept_configs(configs, kwargs["BLOCK_SIZE"], kwargs["HEAD_DIM"], kwargs["TMA_OK"],
+                        4 if kwargs["IS_FP32"] else 2, smem_limit(device))
 
 
 @triton.autotune(

@@ -1,0 +1,84 @@
+"""Dense attention for inputs too short for the sparse pipeline to pay for itself.
+
+``xattention()`` runs an estimate, a selection and the sparse kernel: four launches and some Python
+whose fixed cost exceeds what sparsity saves on short inputs. Below a crossover measured on the
+H200 (benchmarks/NOTES.md, "short inputs") it runs dense attention instead, which is exact. The
+crossover is expressed in dense FLOPs (``2 * B * Hq * Lq * Lk * D``, halved when causal), since the
+fixed cost is per call while the savings grow with heads, batch and length alike.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..block_layout import candidate_blocks
+
+# Dense FLOPs below which dense attention beat the whole xattention() call on the H200 (t=0.9,
+# benchmarks/results/xattention_crossover.md): at 32 heads, D=128 the sparse call lost at 4k
+# (1.4e11) and won at 8k (5.5e11, 1.2-2.4x); at 8 heads it lost at 8k and won at 16k: the same
+# FLOP counts. On other GPUs this is a lead; min_sparse_len overrides it per call.
+DENSE_FLOP_CROSSOVER = 4e11
+
+
+def dense_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    pairs = lq * lk - (lq * (lq - 1) // 2 if causal else 0)
+    return 4.0 * b * hq * pairs * d
+
+
+def runs_dense(q: torch.Tensor, k: torch.Tensor, causal: bool, backend: str,
+               min_sparse_len: int | None) -> bool:
+    """Whether ``xattention()`` should skip the sparse pipeline for these inputs.
+
+    ``min_sparse_len`` None: automatic, only for ``backend="auto"`` on CUDA, by the FLOP
+    crossover; an int: dense when the key length is below it (0: always sparse).
+    """
+    if min_sparse_len is not None:
+        return k.shape[2] < min_sparse_len
+    if backend != "auto" or not q.is_cuda:
+        return False
+    return dense_flops(q, k, causal) < DENSE_FLOP_CROSSOVER
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    scale: float) -> torch.Tensor:
+    """Exact attention through SDPA (cuDNN first on CUDA), queries aligned to the end of the keys.
+
+    SDPA's ``is_causal`` aligns queries to the start of the keys, so ``Lq < Lk`` passes the
+    bottom-right causal mask explicitly; GQA repeats K/V (short inputs: a small copy) through
+    expand + reshape, since ``repeat_interleave`` waits for the GPU to size its output.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, hkv, lk_, d = k.shape
+    group = q.shape[1] // hkv
+    if group > 1:
+        k = k[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
+        v = v[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
+    lq, lk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and lq != lk:
+        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        mask = torch.arange(lk, device=q.device)[None, :] <= rows
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=causal and lq == lk, scale=scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(q_len: int, k_len: int, block_size: int, causal: bool,
+                device: torch.device) -> torch.Tensor:
+    return candidate_blocks(q_len, k_len, block_size, causal, device)
+
+
+def dense_block_mask(batch: int, heads: int, q_len: int, k_len: int, block_size: int,
+                     causal: bool, device: torch.device) -> torch.Tensor:
+    """The mask a dense call reports: every candidate block (one copy from a cached pattern)."""
+    cand = _candidates(q_len, k_len, block_size, causal, device)
+    return cand.expand(batch, heads, *cand.shape).clone()
