@@ -51,7 +51,7 @@ def needle_answer(llm: Any, tokenizer: Any) -> str:
     from vllm import SamplingParams
 
     out = llm.generate([{"prompt_token_ids": needle_prompt(tokenizer)}],
-                       SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
+                       SamplingParams(max_tokens=20, temperature=0.0), use_tqdm=False)
     return out[0].outputs[0].text
 
 

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# tests/ is on sys.path, so this very folder is a namespace package named "vllm": only a real
+# package (one with an __init__.py, hence an origin) counts.
+_spec = importlib.util.find_spec("vllm")
+HAVE_VLLM = _spec is not None and _spec.origin is not None
 NEEDS_VLLM = ["test_engine_equal.py", "test_engine_needle.py", "test_engine_layout.py",
               "test_engine_start.py"]
 collect_ignore = [] if HAVE_VLLM else NEEDS_VLLM

@@ -63,11 +63,15 @@ def _let_cpu_honour_custom(platform: type) -> None:
     original = platform.get_attn_backend_cls
     if getattr(original, _MARK, False):
         return
+    from vllm.logger import init_logger
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    logger = init_logger(__name__)
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend == AttentionBackendEnum.CUSTOM and _is_ours() and \
                 not attn_selector_config.use_mla and not attn_selector_config.use_sparse:
+            logger.info_once("Using the XAttention backend (CUSTOM): %s", _CPU_PATH)
             return AttentionBackendEnum.CUSTOM.get_path()
         return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
 
