@@ -208,9 +208,10 @@ class XAttentionImplMixin:
         if self._xa_dense or output_scale is not None or output_block_scale is not None:
             out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                   output_scale, output_block_scale)
-            for row in plan.sparse:
-                stats.record(self._xa_layer, None, row.end - row.start, row.seq_len,
-                             self.num_heads, self._xa_settings.block_size)
+            if self._xa_reason is None:  # a dense_layers entry: counted, as in transformers
+                for row in plan.sparse:
+                    stats.record(self._xa_layer, None, row.end - row.start, row.seq_len,
+                                 self.num_heads, self._xa_settings.block_size)
             self._xa_after_layer()
             return out
         if plan.dense_metadata is not None:
