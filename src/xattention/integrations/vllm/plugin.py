@@ -66,7 +66,7 @@ def _let_cpu_honour_custom(platform: type) -> None:
     from vllm.logger import init_logger
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    logger = init_logger(__name__)
+    logger = init_logger("vllm.xattention")  # under "vllm": vLLM's log handler prints it
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend == AttentionBackendEnum.CUSTOM and _is_ours() and \
