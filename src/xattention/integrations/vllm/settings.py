@@ -1,0 +1,167 @@
+"""XAttention's settings for the vLLM backend, read from environment variables.
+
+Why environment variables: vLLM builds the attention backends inside worker processes that it
+spawns itself (the engine core, one worker per tensor-parallel rank), from a class path; there is
+no vLLM argument through which a third-party backend receives options. Spawned processes inherit
+the environment of the process that starts the engine, so ``os.environ`` (or the shell of
+``vllm serve``) reaches every rank unchanged. They are validated in the process that starts the
+engine, when vLLM checks its configuration (see ``plugin.py``), so a bad value fails at
+``LLM(...)`` / ``vllm serve`` with a ``ValueError`` that names the variable, not later in a
+worker.
+
+======================== ======== ===============================================================
+variable                 default  meaning
+======================== ======== ===============================================================
+XATTENTION_THRESHOLD     0.9      cumulative-score threshold, in (0, inf); >= 1 keeps every block
+XATTENTION_STRIDE        8        antidiagonal stride; divides the block size
+XATTENTION_BLOCK_SIZE    128      block edge of the sparsity pattern (not vLLM's KV page size)
+XATTENTION_PROFILE       (none)   per-(layer, head) threshold profile (``xattention calibrate``);
+                                  its stride and block size are used
+XATTENTION_DENSE_LAYERS  (none)   comma-separated layer indices kept dense (negative: from end)
+XATTENTION_MIN_PREFILL   = block  prefill chunks with fewer new tokens stay dense
+XATTENTION_STATS_DIR     (none)   folder where every rank writes its block densities (stats.py)
+======================== ======== ===============================================================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+THRESHOLD = "XATTENTION_THRESHOLD"
+STRIDE = "XATTENTION_STRIDE"
+BLOCK_SIZE = "XATTENTION_BLOCK_SIZE"
+PROFILE = "XATTENTION_PROFILE"
+DENSE_LAYERS = "XATTENTION_DENSE_LAYERS"
+MIN_PREFILL = "XATTENTION_MIN_PREFILL"
+STATS_DIR = "XATTENTION_STATS_DIR"
+VARIABLES = (THRESHOLD, STRIDE, BLOCK_SIZE, PROFILE, DENSE_LAYERS, MIN_PREFILL, STATS_DIR)
+
+
+@dataclass(frozen=True)
+class XAttentionSettings:
+    """Validated settings; ``thresholds`` is the profile's ``[layer][query head]`` table or None."""
+
+    threshold: float = 0.9
+    stride: int = 8
+    block_size: int = 128
+    thresholds: tuple[tuple[float, ...], ...] | None = None
+    profile_path: str | None = None
+    dense_layers: tuple[int, ...] = ()
+    min_prefill: int = 128
+    stats_dir: str | None = None
+
+    def threshold_for(self, layer: int) -> float | tuple[float, ...]:
+        """The float threshold of ``layer``, or its per-query-head tuple (all ranks' heads)."""
+        if self.thresholds is None:
+            return self.threshold
+        return self.thresholds[layer]
+
+    def is_dense(self, layer: int, num_layers: int) -> bool:
+        return any(i % num_layers == layer for i in self.dense_layers)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return None if value is None or value.strip() == "" else value.strip()
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _threshold(env: Mapping[str, str]) -> float:
+    raw = _get(env, THRESHOLD)
+    if raw is None:
+        return 0.9
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{THRESHOLD} must be a number in (0, inf), got {raw!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{THRESHOLD} must lie in (0, inf) (>= 1 keeps every block), got {raw}")
+    return value
+
+
+def _dense_layers(env: Mapping[str, str]) -> tuple[int, ...]:
+    raw = _get(env, DENSE_LAYERS)
+    if raw is None:
+        return ()
+    try:
+        return tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{DENSE_LAYERS} must be comma-separated layer indices such as '0,1,-1', "
+                         f"got {raw!r}") from None
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> XAttentionSettings:
+    """Read and validate the ``XATTENTION_*`` variables (``ValueError`` naming the variable).
+
+    Example:
+        >>> settings_from_env({"XATTENTION_THRESHOLD": "0.95"}).threshold
+        0.95
+        >>> settings_from_env({"XATTENTION_STRIDE": "5"})
+        Traceback (most recent call last):
+        ...
+        ValueError: XATTENTION_STRIDE (5) must divide XATTENTION_BLOCK_SIZE (128)
+    """
+    env = os.environ if env is None else env
+    threshold = _threshold(env)
+    stride = _positive_int(env, STRIDE, 8)
+    block_size = _positive_int(env, BLOCK_SIZE, 128)
+    thresholds = None
+    profile_path = _get(env, PROFILE)
+    if profile_path is not None:
+        profile = _load_profile(profile_path)
+        for name, mine, theirs in ((STRIDE, stride, profile.stride),
+                                   (BLOCK_SIZE, block_size, profile.block_size)):
+            if _get(env, name) is not None and mine != theirs:
+                raise ValueError(f"{name}={mine} contradicts {PROFILE}={profile_path}, which was "
+                                 f"calibrated with {theirs}; unset {name}")
+        stride, block_size = profile.stride, profile.block_size
+        thresholds = tuple(tuple(row) for row in profile.thresholds)
+    if block_size % stride:
+        raise ValueError(f"{STRIDE} ({stride}) must divide {BLOCK_SIZE} ({block_size})")
+    min_prefill = _positive_int(env, MIN_PREFILL, block_size, minimum=2)
+    return XAttentionSettings(threshold=threshold, stride=stride, block_size=block_size,
+                              thresholds=thresholds, profile_path=profile_path,
+                              dense_layers=_dense_layers(env), min_prefill=min_prefill,
+                              stats_dir=_get(env, STATS_DIR))
+
+
+def _load_profile(path: str) -> Any:
+    from ...calibration.profile import ThresholdProfile
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{PROFILE}={path!r}: no such file (expected a threshold profile "
+                         "written by `xattention calibrate`)")
+    try:
+        return ThresholdProfile.load(path)
+    except ValueError as exc:
+        raise ValueError(f"{PROFILE}: {exc}") from None
+
+
+def check_against_model(settings: XAttentionSettings, hf_text_config: Any) -> None:
+    """Raise ``ValueError`` when the profile or the dense layers do not fit the model."""
+    num_layers = getattr(hf_text_config, "num_hidden_layers", None)
+    if settings.profile_path is not None:
+        try:
+            _load_profile(settings.profile_path).check_model(hf_text_config)
+        except ValueError as exc:
+            raise ValueError(f"{PROFILE}={settings.profile_path!r}: {exc}") from None
+    if isinstance(num_layers, int):
+        bad = [i for i in settings.dense_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(f"{DENSE_LAYERS} has {bad}, the model has {num_layers} layers")

@@ -1,0 +1,87 @@
+"""Block densities of the vLLM backend, per worker process, and how the user reads them.
+
+The attention runs in vLLM's worker processes (one per tensor-parallel rank), not in the process
+that called ``LLM(...)``, so the counts live there: :func:`worker_stats` is that process's
+:class:`~xattention.integrations.transformers.AttentionStats` (the same type and definition as the
+transformers integration: kept blocks over causal candidate blocks, per layer and per query head
+of this rank, dense = 1.0).
+
+To read them from the user's process, set ``XATTENTION_STATS_DIR`` before the engine starts: after
+every engine step that prefilled through the backend, each rank rewrites
+``<dir>/rank<r>.json`` (atomically) with its totals since engine start, and :func:`read_stats`
+loads them::
+
+    os.environ["XATTENTION_STATS_DIR"] = "/tmp/xa-stats"
+    llm = LLM(model, attention_backend="CUSTOM", ...)
+    llm.generate(prompts, params)
+    read_stats("/tmp/xa-stats")[0]["per_layer"]     # rank 0: {"0": 0.41, "1": 0.22, ...}
+
+The same works for ``vllm serve``. Counted calls are prefill chunks of at least
+``XATTENTION_MIN_PREFILL`` new tokens; with tensor parallelism every rank reports its own heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...block_layout import candidate_blocks
+from ..transformers import AttentionStats
+
+_stats = AttentionStats()
+_dirty = False
+
+
+def worker_stats() -> AttentionStats:
+    """This process's accumulated statistics (empty in a process that runs no attention)."""
+    return _stats
+
+
+def record(layer: int, mask: torch.Tensor | None, q_len: int, k_len: int, heads: int,
+           block_size: int) -> None:
+    """Add one request's prefill chunk of one layer (``mask`` None: ran dense)."""
+    global _dirty
+    cand = candidate_blocks(q_len, k_len, block_size, True)
+    total = float(cand.sum())
+    if mask is None:
+        kept = torch.full((heads,), total, dtype=torch.float64)
+    else:
+        kept = (mask[0] & cand.to(mask.device)).sum(dim=(1, 2)).to(torch.float64)
+    _stats.add(layer, kept, total, sparse=mask is not None, q_len=q_len, k_len=k_len)
+    _dirty = True
+
+
+def flush(stats_dir: str | None, rank: int) -> None:
+    """Write ``<stats_dir>/rank<rank>.json`` if anything was recorded since the last flush."""
+    global _dirty
+    if stats_dir is None or not _dirty:
+        return
+    folder = Path(stats_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"rank": rank, "pid": os.getpid(), **_stats.as_dict()}
+    partial = folder / f".rank{rank}.json.{os.getpid()}"
+    partial.write_text(json.dumps(data, allow_nan=True))
+    partial.replace(folder / f"rank{rank}.json")
+    _dirty = False
+
+
+def read_stats(stats_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
+    """``{rank: summary}`` written by the workers (keys of ``AttentionStats.as_dict``).
+
+    Example:
+        >>> read_stats("/tmp/xa-stats")[0]["overall"]     # doctest: +SKIP
+        0.37
+    """
+    folder = Path(stats_dir)
+    if not folder.is_dir():
+        raise ValueError(f"stats_dir {str(folder)!r} does not exist: set XATTENTION_STATS_DIR "
+                         "to it before the engine starts, and run a prefill")
+    out = {}
+    for path in sorted(folder.glob("rank*.json")):
+        data = json.loads(path.read_text())
+        out[int(data["rank"])] = data
+    return out

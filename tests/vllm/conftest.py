@@ -1,0 +1,92 @@
+"""Engine fixtures for the vLLM backend tests (run in their own environment: .ci/stage_vllm.sh).
+
+Without vLLM only the tests that do not need it are collected (gather_kv, settings parsing).
+Every engine is created in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: one vLLM import,
+no engine-core process to spawn) and shut down before the next one starts; each test module uses
+one engine. CPU engines need float32, an explicit KV-cache size and eager mode keeps start-up short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# tests/ is on sys.path, so this very folder is a namespace package named "vllm": only a real
+# package (one with an __init__.py, hence an origin) counts.
+_spec = importlib.util.find_spec("vllm")
+HAVE_VLLM = _spec is not None and _spec.origin is not None
+NEEDS_VLLM = ["test_engine_equal.py", "test_engine_needle.py", "test_engine_layout.py",
+              "test_engine_start.py"]
+collect_ignore = [] if HAVE_VLLM else NEEDS_VLLM
+
+ENGINE_ARGS = dict(
+    dtype="float32",
+    kv_cache_memory_bytes=640 << 20,  # ~14k tokens of SmolLM2's cache
+    max_model_len=4096,
+    max_num_batched_tokens=512,       # chunked prefill in 512-token chunks
+    enable_chunked_prefill=True,
+    enable_prefix_caching=True,
+    enforce_eager=True,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> str:
+    from _model import smollm2_checkpoint
+
+    return str(smollm2_checkpoint())
+
+
+@contextlib.contextmanager
+def engine(checkpoint: str, env: dict[str, str] | None = None, **kwargs) -> Iterator[object]:
+    """An ``LLM`` with ``env`` set while it runs (the XAttention settings); torn down after."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TRITON_INTERPRET": "0", **(env or {})}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    llm = None
+    try:
+        from vllm import LLM
+
+        llm = LLM(model=checkpoint, **{**ENGINE_ARGS, **kwargs})
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+        if HAVE_VLLM:
+            from vllm.distributed import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def stock(checkpoint, tokenizer) -> dict:
+    """Everything the XAttention engines are compared with, from vLLM's stock CPU backend."""
+    from _workloads import equality_workload, needle_answer
+
+    with engine(checkpoint) as llm:
+        return {"equal": equality_workload(llm, tokenizer),
+                "needle": needle_answer(llm, tokenizer)}
