@@ -182,6 +182,19 @@ def test_joint_attention_matches_float64_reference(layout, gen, make_qkv):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_joint_attention_kernel_paths_match_reference(backend, make_qkv):
+    """The same rule through the Triton kernels (CPU interpreter in CI): small, one sequence."""
+    q, k, v = make_qkv(1, 2, 2, 90, 90, 16)
+    video, valid = (0, 80), torch.ones(1, 90, dtype=torch.bool)
+    valid[0, 86:] = False
+    out, mask = joint_attention(q, k, v, video=video, text_keys=torch.arange(80, 86),
+                                threshold=0.6, stride=STRIDE, block_size=BS, scale=0.25,
+                                backend=backend)
+    assert 0 < mask.float().mean() < 1
+    ref = _ref_joint(q, k, v, video, valid, mask, 0.25)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_key_padding_reads_only_key_masks():
     n = 6
     m = torch.ones(2, 1, 1, n, dtype=torch.bool)
