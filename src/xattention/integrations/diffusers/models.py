@@ -27,7 +27,7 @@ class ModelSpec:
     ``text`` is where the text tokens sit in the sequence the kernel sees: ``"none"`` (pure video
     self-attention, text comes in through cross-attention), ``"first"`` or ``"last"``.
     ``text_len(bound, hook_text_len)`` returns the number of text tokens of one processor call from
-    its bound arguments (or the length the transformer's forward pre-hook saw).
+    its bound arguments (or the length the transformer's forward pre-hook saw), None if unknown.
     """
 
     class_name: str
@@ -36,7 +36,7 @@ class ModelSpec:
     call_site: str
     text: str
     attention_modules: Callable[[torch.nn.Module], list[torch.nn.Module]]
-    text_len: Callable[[dict[str, Any], int | None], int]
+    text_len: Callable[[dict[str, Any], int | None], int | None]
 
 
 def _encoder_len(bound: dict[str, Any], hook_text_len: int | None) -> int:
@@ -44,16 +44,13 @@ def _encoder_len(bound: dict[str, Any], hook_text_len: int | None) -> int:
     return 0 if enc is None else int(enc.shape[1])
 
 
-def _encoder_or_hook_len(bound: dict[str, Any], hook_text_len: int | None) -> int:
+def _encoder_or_hook_len(bound: dict[str, Any], hook_text_len: int | None) -> int | None:
     # Flux's single-stream blocks hand the processor the already joined sequence and no
     # encoder states: the text length comes from the transformer's own inputs.
     enc = bound.get("encoder_hidden_states")
     if enc is not None:
         return int(enc.shape[1])
-    if hook_text_len is None:
-        raise RuntimeError("xattention: the text length of a Flux single-stream block is unknown "
-                           "(the transformer's forward was called without encoder_hidden_states)")
-    return hook_text_len
+    return hook_text_len  # None when the block was called outside the transformer's forward
 
 
 def _no_text(bound: dict[str, Any], hook_text_len: int | None) -> int:

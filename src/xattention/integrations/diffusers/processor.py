@@ -84,7 +84,7 @@ class XAttentionProcessor:
         kernel = self._sdpa if state.spec.call_site == FUNCTIONAL else self._dispatch
         replacement = _FunctionalProxy(kernel) if state.spec.call_site == FUNCTIONAL else kernel
         self._stock_call = _redirected(stock, state.spec.call_site, replacement)
-        self._text_len = 0
+        self._text_len: int | None = 0
 
     # set_attention_backend / context parallelism configure the processor: forward to the stock
     # one, whose code reads them.
@@ -150,6 +150,10 @@ class XAttentionProcessor:
         if not state.enabled or not served or is_causal or dropout_p or k.shape[2] != n:
             return None  # not the video self-attention this integration serves
         text = self._text_len
+        if text is None:
+            warn_once("xattention: a joint-attention block was called outside its transformer's "
+                      "forward, so its text length is unknown; it runs the stock attention")
+            return None
         if state.spec.text == "first":
             video = (text, n)
         elif state.spec.text == "last":
