@@ -376,3 +376,22 @@ def test_no_warnings_on_the_plain_path(wan, gen):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run(model, inputs(gen))
+
+
+def test_video_benchmark_runs_in_smoke_mode(tmp_path):
+    """benchmarks/bench_video.py --smoke: tiny sizes on the CPU, both parts, files written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_video.py"
+    spec = importlib.util.spec_from_file_location("bench_video", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "video.json").read_text())
+    methods = [r["method"] for r in result["attention"]]
+    assert methods == ["sdpa", "xattention@0.9", "xattention@0.95"]
+    assert all(0 < r["density"] <= 1 for r in result["attention"] + result["forward"])
+    assert len(result["forward"]) == 3
+    assert "cannot tell" in (tmp_path / "video.md").read_text()
