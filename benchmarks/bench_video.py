@@ -204,9 +204,9 @@ What these numbers can and cannot tell:
 * Attention rows: speed of XAttention (estimate + selection + block-sparse attention, non-causal)
   against dense attention on the same card, *at the density the synthetic inputs produce*. The
   inputs are LLM-like structured tensors (local windows, sinks, heavy keys, topic segments), not
-  the Q/K/V of a trained video model: a real model's heads give other densities (the paper reports
-  about 2x attention speed-up on HunyuanVideo at threshold 0.9 / 0.95 after 5 dense warm-up
-  steps). `rel_err` is the output error against dense on these inputs, not a video-quality metric.
+  the Q/K/V of a trained video model: a real model's heads give other densities (the paper's
+  video results are on the trained HunyuanVideo, threshold 0.9 / 0.95, 5 dense warm-up steps).
+  `rel_err` is the output error against dense on these inputs, not a video-quality metric.
 * Whole-forward rows: a randomly initialised Wan transformer (14B widths, few layers). Random
   weights give nearly uniform attention, so the density is close to 1 and XAttention cannot win
   there; the rows bound the switch's overhead on a real forward (estimate, selection, joint
@@ -229,7 +229,8 @@ def write(meta: dict, attention: list[dict], forward: list[dict], out_dir: Path)
                 for c in cells) + " |")
         return lines
 
-    lines = ["# Video attention: XAttention vs dense (non-causal, bf16, D=128, B=1)", "",
+    lines = [f"# Video attention: XAttention vs dense (non-causal, {meta['dtype']}, "
+             f"D={meta['head_dim']}, B=1)", "",
              f"GPU: {meta.get('gpu', 'CPU smoke run')}; torch {meta['torch']}; {meta['date']}; "
              f"block {meta['block_size']}, stride {meta['stride']}; `x_dense` = dense ms / ms", "",
              "## Attention, structured synthetic Q/K/V", ""]
