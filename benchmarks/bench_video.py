@@ -12,8 +12,11 @@ Random Q/K/V barely sparsify (every block holds about the same mass), so the inp
 structured synthetic ones of ``xattention.demo.make_structured_qkv`` (local windows, sinks, heavy
 keys, topic segments, noise; imported from the demo module, which is moving to
 ``xattention.synthetic``): four distinct heads tiled to the head count, the shorter shapes being
-prefixes of one 118,800-token draw. Their density says how fast XAttention is *at that density*;
-it says nothing about the density a trained video model's heads reach.
+prefixes of one 118,800-token draw. The HunyuanVideo shape also runs its joint layout (256 text
+tokens after the video, the last 56 padding) through the switch's exact text handling, against
+SDPA with the key-padding mask, as the stock processor runs it. The rows say how fast
+XAttention is *at the density these inputs give*; they say nothing about the density a trained
+video model's heads reach.
 
 Part 2, one denoising step of a randomly initialised Wan transformer at the 480p shape (14B
 widths: 40 heads x 128, FFN 13824; only a few layers, to fit the time), stock dense vs XAttention
@@ -41,12 +44,12 @@ from common import RESULTS, bench_ms, gpu_info, print_table  # noqa: E402
 from xattention import block_density, estimate_block_scores, select_blocks, xattention  # noqa: E402
 from xattention.demo import make_structured_qkv  # noqa: E402
 
-SHAPES = [  # (name, video tokens, heads)
-    ("wan-480p-81f", 21 * 30 * 52, 40),
-    ("wan-720p-81f", 21 * 45 * 80, 40),
-    ("hunyuan-720p-129f", 33 * 45 * 80, 24),
+SHAPES = [  # (name, video tokens, heads, joint text tokens / of them valid)
+    ("wan-480p-81f", 21 * 30 * 52, 40, None),
+    ("wan-720p-81f", 21 * 45 * 80, 40, None),
+    ("hunyuan-720p-129f", 33 * 45 * 80, 24, (256, 200)),
 ]
-SMOKE_SHAPES = [("smoke", 384, 2)]
+SMOKE_SHAPES = [("smoke", 384, 2, (24, 20))]
 THRESHOLDS = (0.9, 0.95)
 DISTINCT_HEADS = 4  # one of each of the generator's archetypes, tiled to the head count
 
@@ -130,17 +133,55 @@ def _one_shape(q, k, v, common: dict, block_size: int, stride: int, device: str,
     return rows
 
 
+def _joint_rows(q, k, v, text: tuple[int, int], common: dict, block_size: int, stride: int,
+                device: str) -> list[dict]:
+    """HunyuanVideo's joint layout: the video tokens, then text tokens with a padded tail; the
+    exact text handling of the diffusers switch (docs/video.md) on top of the video attention."""
+    from xattention.integrations.diffusers.joint import joint_attention
+
+    timer = _timer(device)
+    backend = "auto" if device == "cuda" else "torch"
+    length = q.shape[2] - text[0]
+    keys = torch.arange(length, length + text[1], device=q.device)
+    visible = torch.ones(1, 1, 1, q.shape[2], dtype=torch.bool, device=q.device)
+    visible[..., length + text[1]:] = False  # the padded tail of the prompt
+    # What the stock processor runs: SDPA over the joined sequence with the key-padding mask
+    # (torch picks the kernel: cuDNN does not take this mask on every version).
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    dense_ms = timer(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=visible))
+    common = common | {"tokens": q.shape[2]}
+    rows = [common | {"method": f"sdpa masked joint (+{text[0]} text, {text[1]} valid)",
+                      "ms": dense_ms, "density": 1.0, "x_dense": 1.0}]
+    for thr in THRESHOLDS:
+        def run():
+            return joint_attention(q, k, v, video=(0, length), text_keys=keys, threshold=thr,
+                                   stride=stride, block_size=block_size,
+                                   scale=q.shape[-1] ** -0.5, backend=backend)
+        out, mask = run()
+        err = float((out.float() - ref.float()).norm() / ref.float().norm())
+        density = block_density(mask, length, length, block_size, causal=False)["overall"]
+        ms = timer(run)
+        rows.append(common | {"method": f"xattention joint@{thr}",
+                              "ms": ms, "density": density, "x_dense": dense_ms / ms,
+                              "rel_err": err})
+    return rows
+
+
 def attention_rows(shapes, head_dim: int, block_size: int, stride: int, device: str,
                    dtype: torch.dtype) -> list[dict]:
-    base = _inputs(max(n for _, n, _ in shapes), head_dim, device, dtype)
+    base = _inputs(max(n + (t[0] if t else 0) for _, n, _, t in shapes), head_dim, device,
+                   dtype)
     fa4, fa4_reason = _fa4() if device == "cuda" else (None, "CPU smoke run")
     if fa4 is None:
         print(f"FA4 dense skipped: {fa4_reason}", flush=True)
     rows = []
-    for name, length, heads in shapes:
+    for name, length, heads, text in shapes:
         q, k, v = (_tile(x, length, heads) for x in base)
         common = {"shape": name, "tokens": length, "heads": heads}
         done = _one_shape(q, k, v, common, block_size, stride, device, fa4)
+        if text is not None:
+            q, k, v = (_tile(x, length + text[0], heads) for x in base)
+            done += _joint_rows(q, k, v, text, common, block_size, stride, device)
         print_table(done, ["shape", "method", "ms", "x_dense", "density", "rel_err"])
         rows += done
         q = k = v = None  # free this shape's tensors before the next one is tiled

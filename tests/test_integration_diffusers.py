@@ -391,7 +391,9 @@ def test_video_benchmark_runs_in_smoke_mode(tmp_path):
     assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "video.json").read_text())
     methods = [r["method"] for r in result["attention"]]
-    assert methods == ["sdpa", "xattention@0.9", "xattention@0.95"]
+    assert methods[:3] == ["sdpa", "xattention@0.9", "xattention@0.95"]
+    assert methods[3].startswith("sdpa masked joint")
+    assert methods[4:] == ["xattention joint@0.9", "xattention joint@0.95"]
     assert all(0 < r["density"] <= 1 for r in result["attention"] + result["forward"])
     assert len(result["forward"]) == 3
     assert "cannot tell" in (tmp_path / "video.md").read_text()
