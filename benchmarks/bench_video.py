@@ -12,7 +12,7 @@ Random Q/K/V barely sparsify (every block holds about the same mass), so the inp
 structured synthetic ones of ``xattention.demo.make_structured_qkv`` (local windows, sinks, heavy
 keys, topic segments, noise; imported from the demo module, which is moving to
 ``xattention.synthetic``): four distinct heads tiled to the head count, the shorter shapes being
-prefixes of one 118,800-token draw. The HunyuanVideo shape also runs its joint layout (256 text
+prefixes of one 119,056-token draw. The HunyuanVideo shape also runs its joint layout (256 text
 tokens after the video, the last 56 padding) through the switch's exact text handling, against
 SDPA with the key-padding mask, as the stock processor runs it. The rows say how fast
 XAttention is *at the density these inputs give*; they say nothing about the density a trained
@@ -22,7 +22,7 @@ Part 2, one denoising step of a randomly initialised Wan transformer at the 480p
 widths: 40 heads x 128, FFN 13824; only a few layers, to fit the time), stock dense vs XAttention
 through ``xattention.integrations.diffusers``. Random weights give nearly uniform attention, so
 the density stays high: this part measures the overhead of the switch on a real forward (estimate,
-selection, the joint-attention plumbing), not the speed-up of a trained model.
+selection, the processor plumbing), not the speed-up of a trained model.
 """
 
 from __future__ import annotations
@@ -250,8 +250,8 @@ What these numbers can and cannot tell:
   `rel_err` is the output error against dense on these inputs, not a video-quality metric.
 * Whole-forward rows: a randomly initialised Wan transformer (14B widths, few layers). Random
   weights give nearly uniform attention, so the density is close to 1 and XAttention cannot win
-  there; the rows bound the switch's overhead on a real forward (estimate, selection, joint
-  plumbing) and show the attention share of a step. No video weights ship on the package index;
+  there; the rows bound the switch's overhead on a real forward (estimate, selection,
+  processor plumbing). No video weights ship on the package index;
   quality (VBench, PSNR against dense) needs real weights (docs/video.md).
 """
 
