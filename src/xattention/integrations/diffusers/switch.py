@@ -1,0 +1,211 @@
+"""``enable`` / ``disable``: install and remove the XAttention processors on a video transformer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..._validation import check_backend
+from .models import ModelSpec, spec_for
+from .options import block_params, layer_set, non_negative_int, threshold_table
+from .processor import XAttentionProcessor, check_redirectable, wrapper_class
+from .stats import VideoAttentionStats
+from .steps import StepCounter, forward_arguments
+
+_STATE = "_xattention_video_state"
+
+
+@dataclass
+class State:
+    """What ``enable`` attached to one transformer (shared by its processors and its hook)."""
+
+    spec: ModelSpec
+    stride: int
+    block_size: int
+    backend: str
+    warmup_steps: int
+    thresholds: dict[int, float | torch.Tensor]
+    dense_layers: frozenset[int]
+    record_stats: bool
+    stats: VideoAttentionStats = field(default_factory=VideoAttentionStats)
+    counter: StepCounter = field(default_factory=StepCounter)
+    text_len: int | None = None  # encoder_hidden_states length seen by the forward pre-hook
+    originals: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
+    hook: Any = None
+    enabled: bool = True
+
+    @property
+    def step(self) -> int:
+        return self.counter.step
+
+    def threshold_for(self, layer: int, device: torch.device) -> float | torch.Tensor:
+        t = self.thresholds[layer]
+        if isinstance(t, torch.Tensor) and t.device != device:
+            t = self.thresholds[layer] = t.to(device)  # once per device, not per call
+        return t
+
+    def record(self, layer: int, mask: torch.Tensor | None, batch: int, heads: int,
+               length: int) -> None:
+        """Count one call's video blocks (``mask`` None: dense, every block kept)."""
+        if not self.record_stats:
+            return
+        nb = -(-length // self.block_size)
+        total = float(nb * nb * batch)
+        if mask is None:
+            kept = torch.full((heads,), total, dtype=torch.float64)
+        else:
+            kept = mask.sum(dim=(0, 2, 3)).to(torch.float64)
+        self.stats.add(self.step, layer, kept, total, sparse=mask is not None, length=length)
+
+
+def _pre_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    state: State | None = getattr(model, _STATE, None)
+    if state is None or not state.enabled:
+        return
+    bound = forward_arguments(model, args, kwargs)
+    encoder = bound.get("encoder_hidden_states")
+    state.text_len = int(encoder.shape[1]) if isinstance(encoder, torch.Tensor) else None
+    if state.counter.observe(bound.get("timestep")):
+        state.stats.reset()  # a new generation: last_stats describes the latest one
+
+
+def enable(
+    transformer: torch.nn.Module,
+    threshold: float = 0.95,
+    stride: int = 8,
+    block_size: int = 128,
+    warmup_steps: int = 5,
+    dense_layers: Iterable[int] = (),
+    thresholds: Any = None,
+    *,
+    backend: str = "auto",
+    record_stats: bool = True,
+) -> torch.nn.Module:
+    """Run the video self-attention of a diffusers video transformer through XAttention.
+
+    Args:
+        transformer: ``pipe.transformer`` of a Wan 2.x, HunyuanVideo, CogVideoX (or Flux)
+            pipeline: a ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
+            ``CogVideoXTransformer3DModel`` or ``FluxTransformer2DModel``.
+        threshold: cumulative-score threshold of every layer and head without an entry in
+            ``thresholds``; ``>= 1`` keeps every block (dense result through the sparse path).
+        stride: antidiagonal stride of the estimate (divides ``block_size``).
+        block_size: block edge of the sparsity pattern.
+        warmup_steps: the first denoising steps of each generation that stay dense (the paper
+            uses 5). Steps are counted from the transformer's ``timestep`` argument (see
+            docs/video.md).
+        dense_layers: layer indices kept dense (negative ones count from the end).
+        thresholds: per layer ``[num_layers]``, per layer and head ``[num_layers][heads]`` (list
+            or tensor), or ``{layer: float or [heads]}``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`xattention.xattention`).
+        record_stats: count kept blocks per step and layer (see :func:`last_stats`).
+
+    Layers are the video self-attention modules in model order: Wan ``blocks[i].attn1``;
+    HunyuanVideo and Flux ``transformer_blocks`` then ``single_transformer_blocks``; CogVideoX
+    ``transformer_blocks[i].attn1``. Cross-attention and the text refiner stay as they are.
+
+    Returns:
+        ``transformer`` (changed in place). Calling ``enable`` again replaces the settings.
+
+    Example:
+        >>> import xattention.integrations.diffusers as xd
+        >>> xd.enable(pipe.transformer, threshold=0.9, warmup_steps=5)    # doctest: +SKIP
+        >>> video = pipe(prompt, num_frames=81).frames[0]                  # doctest: +SKIP
+        >>> xd.last_stats(pipe.transformer).per_step()                     # doctest: +SKIP
+        {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.41, ...}
+    """
+    spec = spec_for(transformer)
+    stride, block_size = block_params(stride, block_size)
+    warmup_steps = non_negative_int(warmup_steps, "warmup_steps")
+    backend = check_backend(backend)
+    if not isinstance(record_stats, bool):
+        raise TypeError(f"record_stats must be a bool, got {type(record_stats).__name__}")
+    if is_enabled(transformer):
+        disable(transformer)
+    modules = spec.attention_modules(transformer)
+    if not modules:
+        raise ValueError(f"{type(transformer).__name__} has no video self-attention layers")
+    heads = {int(m.heads) for m in modules}
+    if len(heads) != 1:
+        raise ValueError(f"layers with different head counts {sorted(heads)} are not supported")
+    processors = []
+    for i, module in enumerate(modules):
+        proc = module.processor
+        if type(proc).__name__ not in spec.processor_classes:
+            raise ValueError(f"layer {i} of {spec.class_name} has processor "
+                             f"{type(proc).__name__}; XAttention wraps only the stock "
+                             f"{' / '.join(spec.processor_classes)} (custom or adapter processors "
+                             "are not supported)")
+        check_redirectable(type(proc), spec.call_site)
+        processors.append(proc)
+    num_layers = len(modules)
+    state = State(spec=spec, stride=stride, block_size=block_size, backend=backend,
+                  warmup_steps=warmup_steps,
+                  thresholds=threshold_table(threshold, thresholds, num_layers, heads.pop()),
+                  dense_layers=layer_set(dense_layers, num_layers, "dense_layers"),
+                  record_stats=record_stats)
+    for i, (module, proc) in enumerate(zip(modules, processors, strict=True)):
+        state.originals.append((module, proc))
+        module.set_processor(wrapper_class(type(proc))(proc, i, state))
+    state.hook = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    setattr(transformer, _STATE, state)
+    return transformer
+
+
+def disable(transformer: torch.nn.Module) -> torch.nn.Module:
+    """Put back the processors ``transformer`` had before :func:`enable` (the same objects).
+
+    A transformer that is not enabled is returned unchanged; :func:`last_stats` stays readable.
+    """
+    state: State | None = getattr(transformer, _STATE, None)
+    if state is None or not state.enabled:
+        return transformer
+    for module, proc in state.originals:
+        if isinstance(module.processor, XAttentionProcessor):
+            module.set_processor(proc)
+    state.hook.remove()
+    state.enabled = False
+    state.originals = []
+    return transformer
+
+
+def is_enabled(transformer: torch.nn.Module) -> bool:
+    """Whether :func:`enable` is in effect on ``transformer``."""
+    state = getattr(transformer, _STATE, None)
+    return bool(state is not None and state.enabled)
+
+
+def _state(transformer: torch.nn.Module) -> State:
+    state = getattr(transformer, _STATE, None)
+    if state is None:
+        raise ValueError("xattention is not enabled on this transformer: call enable() first")
+    return state
+
+
+def last_stats(transformer: torch.nn.Module) -> VideoAttentionStats:
+    """Densities per step and layer of the latest generation (or since :func:`reset_stats`).
+
+    Example:
+        >>> stats = xd.last_stats(pipe.transformer)              # doctest: +SKIP
+        >>> stats.dense_steps(), round(stats.overall(stats.sparse_steps()), 2)   # doctest: +SKIP
+        ([0, 1, 2, 3, 4], 0.38)
+    """
+    return _state(transformer).stats
+
+
+def reset_stats(transformer: torch.nn.Module) -> None:
+    """Clear the statistics returned by :func:`last_stats`."""
+    _state(transformer).stats.reset()
+
+
+def reset_steps(transformer: torch.nn.Module) -> None:
+    """Start counting denoising steps from 0 at the next call (the warm-up runs again)."""
+    _state(transformer).counter.reset()
+
+
+def current_step(transformer: torch.nn.Module) -> int:
+    """The denoising step the last transformer call was counted in."""
+    return _state(transformer).step
