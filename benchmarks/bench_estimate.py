@@ -2,7 +2,7 @@
 
 The original XAttention estimate writes the ``(L/S)^2`` score matrix and reads it twice; we cannot
 run its code here, so the baseline is the same dataflow in PyTorch (cuBLAS strided product written
-to memory, then softmax and block sums), and DESIGN.md's measured figures for the original sit
+to memory, then softmax and block sums), and the original's measured figures (docs/design.md §12) sit
 beside it in the table. Also times the selection and the block-index build that follow.
 
 Run on a CUDA GPU:  python benchmarks/bench_estimate.py --lengths 8k,32k,128k
@@ -26,7 +26,7 @@ from xattention import estimate_block_scores, select_blocks
 from xattention.estimate import strided_keys, strided_queries
 from xattention.kernels.sparse_attention import build_block_index
 
-# DESIGN.md §4: the original implementation's estimate on the lent H100 (ms), S=8 / S=16.
+# docs/design.md §12: the original implementation's estimate on the lent H100 (ms), S=8 / S=16.
 ORIGINAL_MS = {8192: {8: 1.23, 16: 0.75}, 32768: {8: 3.78, 16: 2.94},
                131072: {8: 40.5, 16: 27.9}}
 

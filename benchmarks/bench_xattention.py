@@ -3,7 +3,7 @@
 Run on a CUDA GPU:  python benchmarks/bench_xattention.py --lengths 8k,32k,128k
 Structured synthetic inputs (sink, local windows, heavy keys): rows at fixed thresholds, and rows
 at the threshold that reaches ~10% / ~20% density (found by bisection on the estimate's scores),
-the density range DESIGN.md's targets speak of. With ``--real FILE`` (from capture_real_qkv.py) it
+the density range of docs/design.md §12. With ``--real FILE`` (from capture_real_qkv.py) it
 runs on Q/K/V captured from a real model instead.
 """
 

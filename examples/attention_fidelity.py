@@ -43,9 +43,9 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         result = {"model": args.model, "length": args.length, "stride": args.stride,
                   "block_size": 128, "layers": {str(layer): res}}
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        plot_fidelity(result, out.with_suffix(".png"))
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1))
+        plot_fidelity(result, out.with_name(out.name + ".png"))
+        print(f"wrote {out.with_name(out.name + '.json')} and {out.with_name(out.name + '.png')}")
 
 
 if __name__ == "__main__":

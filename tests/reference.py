@@ -1,11 +1,11 @@
-"""Float64 brute-force reference for DESIGN.md section 2.
+"""Float64 brute-force reference for docs/design.md §2.
 
 Written from the spec only, deliberately simple and slow: explicit loops over the
 antidiagonal offset ``t``, explicit causal allowedness per (query group, key group),
 a plain Python loop per selection row, and a token-level boolean mask for attention.
 Use it on small sizes only.
 
-Conventions (DESIGN.md section 2):
+Conventions (docs/design.md §2):
   q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], query head h uses key head h // (Hq // Hkv),
   query row r sits at absolute position p(r) = Lk - Lq + r.
 """
@@ -78,7 +78,8 @@ def ref_antidiagonal_logits(q, k, stride, scale=None):
 
 
 def ref_group_allowed(q_len, k_len, stride, causal):
-    """allowed[a, b] per DESIGN.md: padding-only key groups never; causal: b*S <= p(last row of a).
+    """allowed[a, b] per docs/design.md §2.3: padding-only key groups never;
+    causal: b*S <= p(last row of a).
 
     The last row of a (possibly partial) last query group is taken as the last real row; using
     the padded row index instead changes nothing, since the extra key groups it would admit are
@@ -192,7 +193,7 @@ def ref_select_row(row, thr, cand, forced):
 
 
 def ref_select(scores, threshold, q_len, k_len, block_size, causal=True):
-    """bool [B, Hq, nQB, nKB] following DESIGN.md 'Selection' literally (float64 sums)."""
+    """bool [B, Hq, nQB, nKB] following docs/design.md §2.4 literally (float64 sums)."""
     B, H, n_qb, n_kb = scores.shape
     assert (n_qb, n_kb) == (cdiv(q_len, block_size), cdiv(k_len, block_size))
     s = scores.detach().cpu().to(torch.float64)

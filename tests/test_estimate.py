@@ -1,4 +1,4 @@
-"""estimate_block_scores vs the float64 brute-force reference (DESIGN.md section 2)."""
+"""estimate_block_scores vs the float64 brute-force reference (docs/design.md §2.3)."""
 
 from dataclasses import dataclass
 

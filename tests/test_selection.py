@@ -1,4 +1,4 @@
-"""select_blocks vs the literal per-row reference (DESIGN.md section 2, 'Selection')."""
+"""select_blocks vs the literal per-row reference (docs/design.md §2.4)."""
 
 import pytest
 import torch

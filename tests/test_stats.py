@@ -1,4 +1,4 @@
-"""block_density: kept blocks / candidate blocks (candidates as in DESIGN.md 'Selection')."""
+"""block_density: kept blocks / candidate blocks (candidates as in docs/design.md §8)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError naming the argument (DESIGN.md section 3)."""
+"""Bad input raises ValueError/TypeError naming the argument (docs/design.md §5.2)."""
 
 import math
 import re

@@ -3,7 +3,7 @@
 # call (64 MiB per call, the checkout included). Writes the ignored folder .xfer/1 .. .xfer/6.
 #   1: wheels the device image lacks, the pre-generated RULER samples, SmolLM2 part 0
 #   2: SmolLM2 parts 1-2     3-6: Gemma3 parts 0-3
-# Models are xz-compressed GGUFs from the PyPI packages (DESIGN.md section 6); the device
+# Models are xz-compressed GGUFs from the PyPI packages; the device
 # checks the sha256 of every reassembled file.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"

@@ -54,7 +54,7 @@ def _layout_hint(q: torch.Tensor, k: torch.Tensor) -> str:
 
 
 def check_qkv(q: object, k: object, v: object | None = None) -> AttentionShape:
-    """Validate q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] against DESIGN.md §2 and return the sizes."""
+    """Validate q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] against docs/design.md §2.1 and return the sizes."""
     q = _check_tensor("q", q)
     k = _check_tensor("k", k)
     named = [("q", q), ("k", k)]

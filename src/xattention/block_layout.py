@@ -1,4 +1,6 @@
-"""Which key blocks each query block may use (candidates) and must keep (forced), DESIGN.md §2.
+"""Which key blocks each query block may use (candidates) and must keep (forced).
+
+See docs/design.md §2.2.
 
 Queries are the last ``q_len`` positions of a ``k_len`` context, so query row ``r`` sits at absolute
 position ``k_len - q_len + r``. These masks depend only on lengths, not on batch or head, so they

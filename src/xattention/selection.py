@@ -1,4 +1,4 @@
-"""Cumulative-threshold block selection (DESIGN.md §2).
+"""Cumulative-threshold block selection (docs/design.md §2.4).
 
 Per (batch, query head, query block) row: forced blocks (causal: the sink and the diagonal band)
 are kept and their scores count first; the other candidates follow in descending score order (ties

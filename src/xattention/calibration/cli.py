@@ -30,7 +30,8 @@ def register_cli(subparsers: Any) -> None:
                     "on held-out text and write a JSON threshold profile.",
     )
     p.add_argument("--model", required=True,
-                   help="'smollm2', 'gemma3', a model directory, or a .gguf file")
+                   help="a model of xattention.eval.models (smollm2, gemma3, "
+                        "qwen2.5-1.5b, qwen2.5-0.5b), a model directory, or a .gguf file")
     p.add_argument("--out", required=True, help="where to write the profile (JSON)")
     p.add_argument("--data", choices=("prose", "retrieval"), default=None,
                    help="retrieval: RULER-style needle prompts with their answers, KL and "
@@ -90,10 +91,12 @@ def register_cli(subparsers: Any) -> None:
 
 
 def load_model_and_tokenizer(name: str, device: str | None = None) -> tuple[Any, Any, str]:
-    """Load ``smollm2`` / ``gemma3`` (via ``xattention.eval.models``) or a local path."""
+    """Load a model of ``xattention.eval.models.MODELS`` by name, or a local path."""
     import torch
 
-    if name in ("smollm2", "gemma3"):
+    from ..eval.models import MODELS
+
+    if name in MODELS:
         from ..eval.models import load_model
 
         model, tok = load_model(name)
@@ -141,9 +144,9 @@ def _main(args: argparse.Namespace) -> int:
     if grid is None and args.grid_ratio is not None:
         grid = threshold_grid(args.grid_start, args.grid_ratio, args.grid_steps)
     chat = None
-    if args.model in ("smollm2", "gemma3"):  # prompt them as the evaluation does
-        from ..eval.models import MODELS
+    from ..eval.models import MODELS
 
+    if args.model in MODELS:  # prompt them as the evaluation does
         chat = MODELS[args.model].chat
     try:
         config = CalibrationConfig(

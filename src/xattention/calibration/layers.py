@@ -35,7 +35,7 @@ def calibrated_layers(model: Any, dense_layers: Sequence[int] = ()) -> list[int]
     sliding-window layers, less ``dense_layers`` (negative indices count from the end)."""
     xt = integration()
     found = xt.attention_layers(model)
-    sliding = xt._sliding_layers(model, found)
+    sliding = xt.sliding_layers(model)
     n_layers = max(found, default=-1) + 1
     dense = {int(i) % n_layers for i in dense_layers} if n_layers else set()
     return [i for i in sorted(found) if i not in sliding and i not in dense]

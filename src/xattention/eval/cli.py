@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .models import MODELS  # no torch or transformers: help stays fast
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -25,7 +27,7 @@ def register_cli(subparsers: Any) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
     r = actions.add_parser("ruler", help="run the RULER-style suite")
-    r.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    r.add_argument("--model", choices=tuple(MODELS), default="smollm2")
     r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     r.add_argument("--tasks", nargs="+", default=None,
                    help="RULER task names, or 'all', 'default', 'cpu' (default: default)")
@@ -62,7 +64,7 @@ def register_cli(subparsers: Any) -> None:
         description="Generate the RULER samples of a run into $XATTENTION_CACHE, so that a "
                     "machine without the generators' dependencies (or with a transformers "
                     "release that mis-converts the tokenizer) only reads them.")
-    g.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    g.add_argument("--model", choices=tuple(MODELS), default="smollm2")
     g.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     g.add_argument("--tasks", nargs="+", default=None)
     g.add_argument("--samples", type=int, default=10)
@@ -70,7 +72,7 @@ def register_cli(subparsers: Any) -> None:
     g.set_defaults(func=_prepare)
 
     f = actions.add_parser("fidelity", help="per-head recall / output error / density vs threshold")
-    f.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    f.add_argument("--model", choices=tuple(MODELS), default="smollm2")
     f.add_argument("--length", type=int, default=4096)
     f.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layer indices (default: 4 spread over the full-attention layers)")

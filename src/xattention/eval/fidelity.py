@@ -161,7 +161,7 @@ def run_fidelity(
     thresholds = list(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
     all_layers = xt.attention_layers(model)
     if layers is None:
-        sliding = xt._sliding_layers(model, all_layers)
+        sliding = xt.sliding_layers(model, length)
         full = [i for i in sorted(all_layers) if i not in sliding]
         picks = sorted({full[round(j * (len(full) - 1) / 3)] for j in range(4)}) \
             if len(full) > 4 else full
@@ -187,8 +187,8 @@ def run_fidelity(
               "layers": per_layer, "machine": machine_info(device)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    plot_fidelity(result, out.with_suffix(".png"))
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1))
+    plot_fidelity(result, out.with_name(out.name + ".png"))
     return result
 
 
