@@ -2,7 +2,7 @@
 
 The original XAttention estimate writes the ``(L/S)^2`` score matrix and reads it twice; we cannot
 run its code here, so the baseline is the same dataflow in PyTorch (cuBLAS strided product written
-to memory, then softmax and block sums), and the original's measured figures (docs/design.md §12) sit
+to memory, then softmax and block sums), and the original's measured figures (below) sit
 beside it in the table. Also times the selection and the block-index build that follow.
 
 Run on a CUDA GPU:  python benchmarks/bench_estimate.py --lengths 8k,32k,128k
