@@ -9,7 +9,7 @@ Part 1, attention alone at the shapes users run (B=1, D=128, bf16, non-causal): 
 720p x 129 frames (33 x 45 x 80 = 118,800 video tokens, 24 heads), Wan 2.x 480p x 81 frames
 (21 x 30 x 52 = 32,760 tokens, 40 heads) and 720p (21 x 45 x 80 = 75,600 tokens, 40 heads).
 Random Q/K/V barely sparsify (every block holds about the same mass), so the inputs are the
-structured synthetic ones of ``xattention.demo.make_structured_qkv`` (local windows, sinks, heavy
+structured synthetic ones of ``xattention.synthetic.structured_qkv`` (local windows, sinks, heavy
 keys, topic segments, noise; imported from the demo module, which is moving to
 ``xattention.synthetic``): four distinct heads tiled to the head count, the shorter shapes being
 prefixes of one 119,056-token draw. The HunyuanVideo shape also runs its joint layout (256 text
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, bench_ms, gpu_info, print_table  # noqa: E402
 
 from xattention import block_density, estimate_block_scores, select_blocks, xattention  # noqa: E402
-from xattention.demo import make_structured_qkv  # noqa: E402
+from xattention.synthetic import structured_qkv  # noqa: E402
 
 SHAPES = [  # (name, video tokens, heads, joint text tokens / of them valid)
     ("wan-480p-81f", 21 * 30 * 52, 40, None),
@@ -79,8 +79,8 @@ def _fa4():
 
 def _inputs(max_len: int, head_dim: int, device: str, dtype: torch.dtype):
     t0 = time.time()
-    q, k, v, _ = make_structured_qkv(seq_len=max_len, heads=DISTINCT_HEADS,
-                                     kv_heads=DISTINCT_HEADS, head_dim=head_dim, seed=0)
+    q, k, v, _ = structured_qkv(1, DISTINCT_HEADS, DISTINCT_HEADS, max_len, head_dim=head_dim,
+                                seed=0, device=device)
     print(f"structured inputs: {max_len} tokens x {DISTINCT_HEADS} heads in "
           f"{time.time() - t0:.0f} s", flush=True)
     return tuple(x.to(device, dtype) for x in (q, k, v))
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = gpu_info() if device == "cuda" else {"torch": torch.__version__}
     meta |= {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "block_size": block_size,
              "stride": stride, "head_dim": head_dim, "dtype": str(dtype),
-             "inputs": "xattention.demo.make_structured_qkv, 4 distinct heads tiled"}
+             "inputs": "xattention.synthetic.structured_qkv, 4 distinct heads tiled"}
     if device == "cuda":
         fa4, reason = _fa4()
         if fa4 is None:
