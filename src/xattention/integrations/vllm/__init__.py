@@ -1,6 +1,6 @@
 """vLLM V1 attention backend: XAttention prefill inside vLLM's serving engine.
 
-Install ``pip install "xattention[vllm]"``; the ``vllm.general_plugins`` entry point
+Install from a clone with ``pip install -e ".[vllm]"``; the ``vllm.general_plugins`` entry point
 (:func:`plugin.register`) makes the backend vLLM's ``CUSTOM`` attention backend, selected the way
 vLLM backends are selected::
 
