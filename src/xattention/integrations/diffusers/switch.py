@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ..._validation import check_backend
+from ..transformers.thresholds import threshold_table
 from .models import ModelSpec, spec_for
-from .options import block_params, layer_set, non_negative_int, threshold_table
+from .options import block_params, layer_set, non_negative_int
 from .processor import XAttentionProcessor, check_redirectable, wrapper_class
 from .stats import VideoAttentionStats
 from .steps import StepCounter, forward_arguments

@@ -19,7 +19,7 @@ from ..._backend import warn_once
 from ..._validation import check_threshold_value
 from ...profile import ThresholdProfile
 
-__all__ = ["LayerThreshold", "resolve_thresholds", "split_threshold_arguments"]
+__all__ = ["LayerThreshold", "resolve_thresholds", "split_threshold_arguments", "threshold_table"]
 
 LayerThreshold = float | torch.Tensor  # one number for all heads, or float32 [num_q_heads]
 
@@ -71,20 +71,34 @@ def resolve_thresholds(model: torch.nn.Module, threshold: Any, thresholds: Any, 
                        ) -> tuple[dict[int, LayerThreshold], int, int]:
     """``({layer: threshold}, stride, block_size)``; a profile may change stride and block size."""
     default = check_threshold_value("threshold", threshold)
-    table: dict[int, LayerThreshold] = {i: default for i in range(num_layers)}
-    if thresholds is None:
-        return table, stride, block_size
     if isinstance(thresholds, (str, os.PathLike)):
         thresholds = ThresholdProfile.load(thresholds)  # clear errors for a missing or bad file
     if isinstance(thresholds, ThresholdProfile):
         thresholds, stride, block_size = _from_profile(model, thresholds, stride, block_size)
+    return threshold_table(default, thresholds, num_layers, num_heads), stride, block_size
+
+
+def threshold_table(threshold: Any, thresholds: Any, num_layers: int, num_heads: int
+                    ) -> dict[int, LayerThreshold]:
+    """``{layer: number or float32 [num_heads]}`` from a default and an optional table.
+
+    ``thresholds``: None, a list / tensor ``[num_layers]``, a nested list / tensor
+    ``[num_layers][num_heads]``, or a dict ``{layer: number or [num_heads]}`` for some layers
+    (negative keys count from the end; the others keep ``threshold``). Shared by every
+    integration, so each accepts the same tables with the same errors.
+    """
+    default = check_threshold_value("threshold", threshold)
+    table: dict[int, LayerThreshold] = dict.fromkeys(range(num_layers), default)
+    if thresholds is None:
+        return table
     if isinstance(thresholds, Mapping):
         for key, row in thresholds.items():
-            layer = int(key)
-            if not 0 <= layer < num_layers:
-                raise ValueError(f"thresholds has layer {key}, the model has {num_layers} layers")
-            table[layer] = _row(row, num_heads, layer)
-        return table, stride, block_size
+            if isinstance(key, bool) or not isinstance(key, int) or \
+                    not -num_layers <= key < num_layers:
+                raise ValueError(f"thresholds has layer {key!r}, the model has {num_layers} "
+                                 "layers")
+            table[key % num_layers] = _row(row, num_heads, key)
+        return table
     if isinstance(thresholds, torch.Tensor):
         if thresholds.dim() not in (1, 2):
             raise ValueError("thresholds tensor must be [num_layers] or [num_layers, num_heads], "
@@ -99,4 +113,4 @@ def resolve_thresholds(model: torch.nn.Module, threshold: Any, thresholds: Any, 
                          f"got {len(thresholds)}")
     for layer, row in enumerate(thresholds):
         table[layer] = _row(row, num_heads, layer)
-    return table, stride, block_size
+    return table
