@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-
-
-def positive_float(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{what} must lie in (0, inf), got {value}")
-    return value
 
 
 def non_negative_int(value: object, what: str) -> int:
