@@ -1,7 +1,8 @@
 """FlashAttention-4 (``flash-attn-4``, CuTe DSL) as an optional backend for the sparse stage.
 
 Installed from a clone with ``pip install -e ".[fa4]"``; used by ``backend="auto"`` on Hopper
-(sm90) and Blackwell (sm100) where it can serve the inputs, the Triton kernel otherwise. FA4 takes block
+(sm90) and Blackwell (sm100) where it can serve the inputs, the Triton kernel otherwise.
+FA4 takes block
 sparsity as two lists per (batch, head, query block): *full* key blocks, computed without any
 element mask, and *mask* blocks, where it applies the causal mask (with queries aligned to the end
 of the keys, as here) and the key-length bound. Kept blocks wholly visible to every row of their
