@@ -144,10 +144,11 @@ def test_automatic_switch_only_on_cuda_auto():
     assert DENSE_FLOP_CROSSOVER > 0
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "8k", True])
-def test_min_sparse_len_rejects_bad_values(bad):
+@pytest.mark.parametrize(("bad", "error"), [(-1, ValueError), (1.5, TypeError), ("8k", TypeError),
+                                            (True, TypeError)])
+def test_min_sparse_len_rejects_bad_values(bad, error):
     from xattention import xattention
 
     q = torch.randn(1, 2, 32, 16)
-    with pytest.raises(ValueError, match="min_sparse_len"):
+    with pytest.raises(error, match="min_sparse_len"):
         xattention(q, q, q, block_size=16, stride=4, backend="torch", min_sparse_len=bad)

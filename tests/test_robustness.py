@@ -19,9 +19,19 @@ from xattention import select_blocks, xattention
 INF, NAN = math.inf, math.nan
 
 
+_BACKEND = "torch"  # the backend of the running test (set by the select_path fixture)
+
+
+@pytest.fixture
+def select_path(backend, monkeypatch):
+    """The conftest backend (torch, or triton under the interpreter), used by _select below."""
+    monkeypatch.setitem(globals(), "_BACKEND", backend)
+    return backend
+
+
 def _select(scores, threshold, q_len, k_len, bs, causal):
     return select_blocks(scores, threshold=threshold, q_len=q_len, k_len=k_len, block_size=bs,
-                         causal=causal)
+                         causal=causal, backend=_BACKEND)
 
 
 def rule_row(row, thr, cand, forced):
