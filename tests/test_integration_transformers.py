@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from inputs import tiny_gemma3  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 xt = pytest.importorskip("xattention.integrations.transformers")
@@ -273,19 +274,6 @@ def test_threshold_profile_accepted(smollm2):
 # ------------------------------------------------------------------------------------------
 
 
-def _tiny_gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=48,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                     "full_attention"], max_position_embeddings=1024)
-    config._attn_implementation = "sdpa"
-    return Gemma3ForCausalLM(config).eval()
-
-
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -298,7 +286,7 @@ def _tiny_llama():
 
 
 def test_gemma3_sliding_layers_left_alone():
-    model = _tiny_gemma3()
+    model = tiny_gemma3()
     ids = torch.randint(1, 128, (1, 200))  # 0 is the pad id: no holes in the mask
     ref = _logits(model, input_ids=ids)
     xt.enable(model, threshold=1.0, block_size=32, stride=8, min_query_len=0, backend="torch")
@@ -308,7 +296,7 @@ def test_gemma3_sliding_layers_left_alone():
     assert sorted(stats.layers) == [1, 3]  # global layers only
     assert model._xattention_state.sliding_layers == frozenset({0, 2})
     with torch.no_grad():
-        g_ref_model = _tiny_gemma3()
+        g_ref_model = tiny_gemma3()
         dense = g_ref_model.generate(ids[:, :120], max_new_tokens=5, do_sample=False)
         xt.enable(model, threshold=0.9, block_size=32, stride=8, min_query_len=0,
                   backend="torch")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from inputs import tiny_gemma3
 
 transformers = pytest.importorskip("transformers")
 xt = pytest.importorskip("xattention.integrations.transformers")
@@ -136,16 +137,7 @@ def test_capture_stops_early_and_leaves_an_enabled_model_as_it_was(llama, gen):
 
 
 def test_model_info_on_gemma3_windows():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=48,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                     "full_attention"], max_position_embeddings=1024)
-    config._attn_implementation = "sdpa"
-    model = Gemma3ForCausalLM(config).eval()
+    model = tiny_gemma3()
     info = xt.model_info
     assert info.text_config(model) is model.config
     assert info.layer_windows(model) == {0: 48, 1: None, 2: 48, 3: None}
