@@ -180,6 +180,19 @@ def check_scale(scale: object, head_dim: int) -> float:
     return scale
 
 
+def check_estimate_dtype(value: object) -> torch.dtype | None:
+    """None (the input dtype) or ``torch.float8_e4m3fn`` (``xattention.fp8``)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"estimate_dtype must be None or torch.float8_e4m3fn, got "
+                        f"{type(value).__name__} {value!r}")
+    if value != torch.float8_e4m3fn:
+        raise ValueError(f"estimate_dtype must be None (the input dtype) or torch.float8_e4m3fn, "
+                         f"got {value}")
+    return value
+
+
 def check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

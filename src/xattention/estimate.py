@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import resolve_backend
-from ._validation import check_backend, check_block_params, check_bool, check_qkv, check_scale
+from ._validation import (
+    check_backend,
+    check_block_params,
+    check_bool,
+    check_estimate_dtype,
+    check_qkv,
+    check_scale,
+)
 from .block_layout import num_blocks
+from .fp8 import dequantize, quantize_per_head
 
 # Elements of the per-chunk logits in the PyTorch path (float32: 4 bytes each, 64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
@@ -30,6 +38,7 @@ def estimate_block_scores(
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",
+    estimate_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Estimate how much attention mass each (query block, key block) pair holds.
 
@@ -41,6 +50,11 @@ def estimate_block_scores(
         causal: only key groups at or before a query group's last position count.
         scale: softmax scale, ``1/sqrt(D)`` when None.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        estimate_dtype: None (products in the input dtype, the exact reference), or
+            ``torch.float8_e4m3fn``: q and k rounded to FP8 e4m3 with one power-of-two scale per
+            (batch, head) (``xattention.fp8``), which runs the Triton kernel at FP8's matrix rate
+            on sm89+ GPUs. Opt-in: it changes which blocks are kept on some rows
+            (benchmarks/results/fp8_fidelity.md measures how many, on real models).
 
     Returns:
         float32 ``[B, Hq, ceil(Lq/Bs), ceil(Lk/Bs)]``; each row sums to 1.
@@ -64,20 +78,25 @@ def estimate_block_scores(
     scale = check_scale(scale, shape.head_dim)
     causal = check_bool("causal", causal)
     backend = check_backend(backend)
-    return _estimate(q, k, stride, block_size, causal, scale, backend)
+    estimate_dtype = check_estimate_dtype(estimate_dtype)
+    return _estimate(q, k, stride, block_size, causal, scale, backend, estimate_dtype)
 
 
-def _estimate(q, k, stride, block_size, causal, scale, backend) -> torch.Tensor:
+def _estimate(q, k, stride, block_size, causal, scale, backend, estimate_dtype=None
+              ) -> torch.Tensor:
     """Dispatch on validated input (shared with ``xattention``)."""
     from .kernels import estimate_unsupported_reason
 
-    chosen = resolve_backend(
-        backend, q.device, estimate_unsupported_reason(q, k, stride, block_size), "estimate"
-    )
+    reason = estimate_unsupported_reason(q, k, stride, block_size, estimate_dtype)
+    chosen = resolve_backend(backend, q.device, reason, "estimate")
     if chosen == "triton":
         from .kernels.estimate import estimate_block_scores_triton
 
-        return estimate_block_scores_triton(q, k, stride, block_size, causal, scale)
+        return estimate_block_scores_triton(q, k, stride, block_size, causal, scale,
+                                            estimate_dtype)
+    if estimate_dtype is not None:  # the reference of the FP8 mode: the same rounded operands
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k = (dequantize(*quantize_per_head(x), work) for x in (q, k))
     return estimate_block_scores_torch(q, k, stride, block_size, causal, scale)
 
 

@@ -14,8 +14,12 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def estimate_unsupported_reason(
-    q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int
+    q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int,
+    estimate_dtype: torch.dtype | None = None,
 ) -> str | None:
+    fp8 = estimate_dtype is not None
+    if fp8 and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        return "estimate_dtype float8_e4m3fn (FP8 matrix products need an sm89+ GPU)"
     if q.dtype not in _KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
     if q.shape[-1] > 256:

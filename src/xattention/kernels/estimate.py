@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
+from ..fp8 import quantize_per_head
 from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 
 _LOG2E = 1.4426950408889634
@@ -114,7 +115,7 @@ def kept_configs(gpb: int, g_tile: int, d_pad: int, few_programs: bool = False, 
 
 
 def _quick_config(gpb: int, g_tile: int, d_pad: int, row_groups: int,
-                  device: torch.device) -> triton.Config:
+                  device: torch.device, elem: int = 2) -> triton.Config:
     """The shape full tuning picked on the H200, with rows halved while the grid would leave SMs
     idle (at 4k, S=16 has half the query groups of S=8 and ran 2.6x slower at 128 rows)."""
     rows = max(16, gpb, 128 // g_tile)
@@ -123,7 +124,9 @@ def _quick_config(gpb: int, g_tile: int, d_pad: int, row_groups: int,
         while rows > floor and triton.cdiv(row_groups, rows) < _sm_count(device.index or 0):
             rows //= 2
     warps = 8 if rows * g_tile >= 128 else 4
-    return triton.Config({"ROWS": rows, "BLOCK_N": max(128, gpb), "BLOCK_D": min(d_pad, 64)},
+    # FP8: 128 elements (128 bytes) per tile row, the widest shared-memory swizzle.
+    block_d = min(d_pad, 128 if elem == 1 else 64)
+    return triton.Config({"ROWS": rows, "BLOCK_N": max(128, gpb), "BLOCK_D": block_d},
                          num_warps=warps, num_stages=3)
 
 
@@ -138,25 +141,27 @@ def _prune(configs, named_args, **kwargs):
         return fits[:1] or [triton.Config({"ROWS": size, "BLOCK_N": size, "BLOCK_D": 16},
                                           num_warps=4, num_stages=1)]
     row_groups, device = named_args["row_groups"], named_args["Q"].device
+    elem = named_args["Q"].element_size()
     if quick_tuning():
-        return [_quick_config(gpb, g_tile, d_pad, row_groups, device)]
-    return kept_configs(gpb, g_tile, d_pad, _few_programs(row_groups, device),
-                        4 if kwargs["IS_FP32"] else 2, smem_limit(device))
+        return [_quick_config(gpb, g_tile, d_pad, row_groups, device, elem)]
+    return kept_configs(gpb, g_tile, d_pad, _few_programs(row_groups, device), elem,
+                        smem_limit(device))
 
 
 @triton.autotune(
     configs=_configs(),
     # len_bucket (keys) and rows_bucket (query groups x head tiles, i.e. how full the grid is):
     # short inputs and chunked prefill (few query rows against many keys) tune apart.
+    # Triton adds the tensors' dtypes to the key, so FP8 operands tune apart from bf16 ones.
     key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "rows_bucket",
-         "IS_FP32"],
+         "IS_FP32", "SCALED"],
     prune_configs_by={"early_config_prune": _prune},
     # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
     do_bench=autotune_timer(),
 )
 @triton.jit
 def _antidiagonal_estimate_fwd(
-    Q, K, Scores, Partial, TileMax,
+    Q, K, Scores, Partial, TileMax, QScale, KScale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_sb, stride_sh, stride_si,
@@ -165,7 +170,7 @@ def _antidiagonal_estimate_fwd(
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_TILE * ROWS
@@ -203,6 +208,12 @@ def _antidiagonal_estimate_fwd(
     scratch_row = (b * q_heads + head) * chunk_rows + local_a  # [BLOCK_M]
     p_ptrs = Partial + scratch_row[:, None] * partial_row_len
     t_ptrs = TileMax + scratch_row * tile_max_row_len
+    # Quantized operands (FP8): one scale per (batch, head) of q and of k multiplies the products.
+    if SCALED:
+        row_scale = (tl.load(QScale + b * q_heads + head) * tl.load(KScale + b * kv_heads + hk)
+                     * qk_scale)
+    else:
+        row_scale = tl.full([BLOCK_M], qk_scale, dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -225,7 +236,7 @@ def _antidiagonal_estimate_fwd(
         allowed = (kg < num_k_groups)[None, :]
         if CAUSAL:
             allowed = allowed & ((kg * STRIDE)[None, :] <= last_pos[:, None])
-        s = tl.where(allowed, acc * qk_scale, float("-inf"))
+        s = tl.where(allowed, acc * row_scale[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key group 0 is always allowed
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
@@ -270,18 +281,24 @@ def _head_tile(group: int) -> int:
 
 
 def estimate_block_scores_triton(
-    q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool, scale: float,
+    estimate_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    scores = new_output((b, hq, num_blocks(lq, block_size), num_blocks(lk, block_size)),
+                        torch.float32, q.device)
+    q_scale = k_scale = None
+    if estimate_dtype is not None:
+        (q, q_scale), (k, k_scale) = quantize_per_head(q), quantize_per_head(k)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     gpb = block_size // stride
     g_tile = _head_tile(hq // hkv)
     nqg, nkg = num_blocks(lq, stride), num_blocks(lk, stride)
-    nqb, nkb = num_blocks(lq, block_size), num_blocks(lk, block_size)
-    d_pad = max(16, triton.next_power_of_2(d))
-    scores = new_output((b, hq, nqb, nkb), torch.float32, q.device)
+    nqb, nkb = scores.shape[2], scores.shape[3]
+    # FP8 matrix products take at least 32 elements of the reduced dim.
+    d_pad = max(16 if q.element_size() > 1 else 32, triton.next_power_of_2(d))
 
     # Scratch rows hold one partial sum per key block (stores past the last block are masked, so
     # no tile width can overflow a row) and one running max per key tile (tl.dot needs tiles of
@@ -310,6 +327,7 @@ def estimate_block_scores_triton(
 
         _antidiagonal_estimate_fwd[grid](
             q, k, scores, partial, tile_max,
+            scores if q_scale is None else q_scale, scores if k_scale is None else k_scale,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             scores.stride(0), scores.stride(1), scores.stride(2),
@@ -317,6 +335,6 @@ def estimate_block_scores_triton(
             nkb,
             a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
             HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
-            CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32,
+            CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32, SCALED=q_scale is not None,
         )
     return scores
