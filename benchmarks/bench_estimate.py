@@ -5,6 +5,10 @@ run its code here, so the baseline is the same dataflow in PyTorch (cuBLAS strid
 to memory, then softmax and block sums), and the original's measured figures (below) sit
 beside it in the table. Also times the selection and the block-index build that follow.
 
+FP8 operands (``--estimate-dtypes bf16,fp8``) get their own rows, with their error against the
+PyTorch path on the same rounded operands (up to 32k) and the cost of rounding q and k alone.
+``--sweep L`` also times every config full tuning may pick at length ``L``, forced one by one.
+
 Run on a CUDA GPU:  python benchmarks/bench_estimate.py --lengths 8k,32k,128k
 """
 
@@ -24,7 +28,12 @@ from common import (
 
 from xattention import estimate_block_scores, select_blocks
 from xattention.estimate import strided_keys, strided_queries
+from xattention.fp8 import quantize_per_head
+from xattention.kernels import estimate as kernel_module
+from xattention.kernels._tuning import force_config
 from xattention.kernels.sparse_attention import build_block_index
+
+DTYPES = {"bf16": None, "fp8": torch.float8_e4m3fn}
 
 # docs/design.md §12: the original implementation's estimate on the lent H100 (ms), S=8 / S=16.
 ORIGINAL_MS = {8192: {8: 1.23, 16: 0.75}, 32768: {8: 3.78, 16: 2.94},
@@ -56,14 +65,24 @@ def materialised_estimate(q, k, stride, block_size, heads_per_chunk=4):
 def main() -> None:
     ap = shape_arguments("estimate")
     ap.add_argument("--strides", default="8,16")
+    ap.add_argument("--estimate-dtypes", default="bf16",
+                    help="comma list of bf16 (products in bf16) and fp8 (e4m3 operands)")
+    ap.add_argument("--sweep", default="", help="a length at which to time every kept config")
     args = ap.parse_args()
     bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     rows = []
     for length in parse_lengths(args.lengths):
         rows += bench_length(length, args)
         torch.cuda.empty_cache()
-    cols = ["L", "S", "fused_ms", "fused_tflops", "original_ms(DESIGN)", "vs_original",
-            "materialised_ms", "max_abs_err_vs_materialised", "select_ms", "index_ms"]
+    if args.sweep:
+        sweep_rows = sweep_configs(parse_lengths(args.sweep)[0], args)
+        sweep_cols = ["L", "S", "operands", "config", "ms", "tflops"]
+        write_results(args.name + "_sweep", gpu_info(), sweep_rows, sweep_cols,
+                      f"Estimate, every kept config forced, H={h}/{hkv}, D={d}, causal")
+        print_table(sweep_rows, sweep_cols)
+    cols = ["L", "S", "operands", "fused_ms", "fused_tflops", "original_ms(DESIGN)",
+            "vs_original", "quantize_ms", "max_abs_err_vs_torch", "materialised_ms",
+            "max_abs_err_vs_materialised", "select_ms", "index_ms"]
     meta = gpu_info() | {"heads": h, "kv_heads": hkv, "head_dim": d, "block_size": bs,
                          "dtype": "bfloat16", "causal": True}
     write_results(args.name, meta, rows, cols,
@@ -75,19 +94,28 @@ def bench_length(length: int, args) -> list[dict]:
     bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     rows: list[dict] = []
     q, k, _ = qkv(1, h, hkv, length, length, d)
-    for stride in (int(s) for s in args.strides.split(",")):
-        fused = lambda: estimate_block_scores(q, k, stride, bs, True, backend="triton")  # noqa: E731
+    for stride, name in ((int(s), n) for s in args.strides.split(",")
+                         for n in args.estimate_dtypes.split(",")):
+        dtype = DTYPES[name]
+        fused = lambda: estimate_block_scores(q, k, stride, bs, True, backend="triton",  # noqa: E731
+                                              estimate_dtype=dtype)
         scores = fused()
         ms = bench_ms(fused)
         # Useful work: the causal half of the strided product, 2 * (L/S)^2/2 * S*D per head.
         flops = h * (length / stride) ** 2 * stride * d
-        from xattention.kernels.estimate import _antidiagonal_estimate_fwd as kernel
-
-        row = {"L": length, "S": stride, "fused_ms": ms, "fused_tflops": flops / ms / 1e9,
-               "config": str(kernel.best_config),
+        kernel = kernel_module._antidiagonal_estimate_fwd
+        row = {"L": length, "S": stride, "operands": name, "fused_ms": ms,
+               "fused_tflops": flops / ms / 1e9, "config": str(kernel.best_config),
                "original_ms(DESIGN)": ORIGINAL_MS.get(length, {}).get(stride, float("nan"))}
         row["vs_original"] = row["original_ms(DESIGN)"] / ms
-        if hkv == h:
+        if dtype is not None:
+            row["quantize_ms"] = bench_ms(lambda: (quantize_per_head(q), quantize_per_head(k)))
+        if length <= 32768:  # the PyTorch path on the same (rounded) operands
+            ref = estimate_block_scores(q, k, stride, bs, True, backend="torch",
+                                        estimate_dtype=dtype)
+            row["max_abs_err_vs_torch"] = (scores - ref).abs().max().item()
+            del ref
+        if hkv == h and dtype is None:
             ref = materialised_estimate(q, k, stride, bs)
             row["max_abs_err_vs_materialised"] = (scores - ref).abs().max().item()
             row["materialised_ms"] = bench_ms(lambda: materialised_estimate(q, k, stride, bs),
@@ -98,6 +126,53 @@ def bench_length(length: int, args) -> list[dict]:
         mask = select_blocks(scores, 0.9, q_len=length, k_len=length, block_size=bs)
         row["index_ms"] = bench_ms(lambda: build_block_index(mask, length, length, bs, True))
         rows.append(row)
+    return rows
+
+
+def _sweep_cases(args) -> list[tuple[int, str, object]]:
+    """(stride, operands, config) for every config the pruner keeps at these shapes."""
+    g_tile = kernel_module._head_tile(args.heads // args.kv_heads)
+    cases = []
+    for stride in (int(s) for s in args.strides.split(",")):
+        for name in args.estimate_dtypes.split(","):
+            elem = 1 if DTYPES[name] is not None else 2
+            d_pad = max(16 if elem > 1 else 32, 1 << (args.head_dim - 1).bit_length())
+            cases += [(stride, name, c) for c in kernel_module.kept_configs(
+                args.block_size // stride, g_tile, d_pad, False, elem)]
+    return cases
+
+
+def _compile_one(case, args) -> None:
+    """Compile one forced config on a short input (Triton caches it on disk for the sweep)."""
+    stride, name, config = case
+    q, k, _ = qkv(1, args.heads, args.kv_heads, 4096, 4096, args.head_dim)
+    with force_config(kernel_module._antidiagonal_estimate_fwd, config):
+        estimate_block_scores(q, k, stride, args.block_size, True, backend="triton",
+                              estimate_dtype=DTYPES[name])
+    torch.cuda.synchronize()
+
+
+def sweep_configs(length: int, args) -> list[dict]:
+    """Every config full tuning may pick for this shape, forced one at a time (compiled first in
+    parallel processes: compiling, not timing, is most of a sweep's cost)."""
+    import concurrent.futures
+    import multiprocessing
+
+    bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
+    cases = _sweep_cases(args)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(12, len(cases)), mp_context=ctx) as pool:
+        list(pool.map(_compile_one, cases, [args] * len(cases)))
+    q, k, _ = qkv(1, h, hkv, length, length, d)
+    rows = []
+    for stride, name, config in cases:
+        with force_config(kernel_module._antidiagonal_estimate_fwd, config):
+            ms = bench_ms(lambda: estimate_block_scores(  # noqa: B023
+                q, k, stride, bs, True, backend="triton", estimate_dtype=DTYPES[name]), rep=20)
+        flops = h * (length / stride) ** 2 * stride * d
+        rows.append({"L": length, "S": stride, "operands": name, "config": str(config),
+                     "ms": ms, "tflops": flops / ms / 1e9})
+        print(rows[-1], flush=True)
     return rows
 
 

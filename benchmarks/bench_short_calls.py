@@ -1,0 +1,106 @@
+"""Where a short ``xattention()`` call spends: host time, device time and launches, stage by stage.
+
+At 1k-8k tokens the device work of the whole pipeline is a few tens of microseconds, so a call
+costs what the host spends issuing it. For each length this times, against dense cuDNN:
+
+- ``gpu_ms``: ``do_bench`` medians (device events; a host-bound call shows its host time here);
+- ``host_us``: host microseconds per call, from many calls issued back to back without a sync;
+- ``launches``: kernels per call, counted by the PyTorch profiler;
+
+for SDPA (cuDNN), the automatic dense branch of ``xattention()``, the sparse pipeline forced
+(``min_sparse_len=0``) and each of its three stages alone.
+
+Run on a CUDA GPU:  python benchmarks/bench_short_calls.py --lengths 1k,2k,4k,8k
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from common import bench_ms, gpu_info, parse_lengths, print_table, qkv, write_results
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from xattention import xattention
+from xattention.estimate import _estimate
+from xattention.selection import _select
+from xattention.sparse_attention import _sparse_attention
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Host microseconds per call, issued back to back (the GPU trails behind)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def launches(fn) -> int:
+    """Kernels one call launches."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def bench_length(length: int, hq: int, hkv: int, d: int, block_size: int, stride: int
+                 ) -> list[dict]:
+    q, k, v = qkv(1, hq, hkv, length, length, d)
+    scale = d ** -0.5
+    scores = _estimate(q, k, stride, block_size, True, scale, "auto")
+    mask = _select(scores, 0.9, length, length, block_size, True, "auto", inputs=(q, k, v))
+    kr, vr = (x.repeat_interleave(hq // hkv, 1) for x in (k, v))
+
+    def cudnn():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+    variants = {
+        "sdpa_cudnn (K/V repeated beforehand)": cudnn,
+        "xattention auto (dense branch)": lambda: xattention(q, k, v, 0.9, stride, block_size),
+        "xattention sparse (min_sparse_len=0)": lambda: xattention(
+            q, k, v, 0.9, stride, block_size, min_sparse_len=0),
+        "  estimate": lambda: _estimate(q, k, stride, block_size, True, scale, "auto"),
+        "  selection": lambda: _select(scores, 0.9, length, length, block_size, True, "auto",
+                                       inputs=(q, k, v)),
+        "  sparse attention": lambda: _sparse_attention(q, k, v, mask, block_size, True, scale,
+                                                        "auto", False),
+    }
+    rows = []
+    for name, fn in variants.items():
+        rows.append({"L": length, "heads": f"{hq}/{hkv}", "variant": name,
+                     "gpu_ms": bench_ms(fn), "host_us": host_us(fn), "launches": launches(fn)})
+    return rows
+
+
+def main() -> None:
+    from common import shape_arguments
+
+    ap = shape_arguments("short_calls")
+    ap.set_defaults(lengths="1k,2k,4k,8k", kv_heads=8)
+    ap.add_argument("--stride", type=int, default=8)
+    args = ap.parse_args()
+    rows = []
+    for length in parse_lengths(args.lengths):
+        rows += bench_length(length, args.heads, args.kv_heads, args.head_dim, args.block_size,
+                             args.stride)
+    cols = ["L", "heads", "variant", "gpu_ms", "host_us", "launches"]
+    meta = gpu_info() | {"head_dim": args.head_dim, "block_size": args.block_size,
+                         "stride": args.stride, "threshold": 0.9, "dtype": "bfloat16",
+                         "causal": True}
+    write_results(args.name, meta, rows, cols,
+                  f"Short xattention() calls: host vs device time, H={args.heads}/"
+                  f"{args.kv_heads}, D={args.head_dim}, bf16, causal, t=0.9")
+    print_table(rows, cols)
+
+
+if __name__ == "__main__":
+    main()
