@@ -203,3 +203,24 @@ def test_nonfinite_inputs_triton(make_qkv, gen, which, dtype):
     q, k, v = make_qkv(1, 2, 1, 40, 64, 16, dtype=dtype)
     q, k, v = _poison(q, k, v, which, NAN, gen)
     _check_nonfinite_outputs(q, k, v, which, True, "triton", bs=16, stride=4)
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_nonfinite_rules_triton_selection_matches_torch(make_qkv, gen, which, value, causal):
+    """The selection kernel applies the non-finite rules itself (flags from q, k and v): the same
+    mask as the PyTorch rules on the same scores. GQA, Lq < Lk, odd lengths."""
+    pytest.importorskip("triton")
+    from xattention.estimate import _estimate
+    from xattention.selection import _select
+
+    q, k, v = make_qkv(1, 4, 2, 75, 150, 16, dtype=torch.float16)
+    x = {"q": q, "k": k, "v": v}[which]
+    x[0, 1, x.shape[2] // 2, 3] = value  # mid-sequence: a block the plain cut can leave out
+    scores = _estimate(q, k, 4, 16, causal, 0.25, "torch")
+    masks = [_select(scores, 0.3, 75, 150, 16, causal, backend, inputs=(q, k, v))
+             for backend in ("torch", "triton")]
+    assert torch.equal(masks[0], masks[1])
+    clean = _select(scores.nan_to_num(0.0, 0.0, 0.0), 0.3, 75, 150, 16, causal, "torch")
+    assert (masks[1] & ~clean).any()  # the rules kept blocks the plain cut would not

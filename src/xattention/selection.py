@@ -98,12 +98,11 @@ def _select(
     chosen = resolve_backend(
         backend, scores.device, selection_unsupported_reason(scores), "block selection"
     )
-    if chosen == "triton":
+    if chosen == "triton":  # the kernel applies the rules below itself
         from .kernels.selection import select_blocks_triton
 
-        mask = select_blocks_triton(scores, threshold, q_len, k_len, block_size, causal)
-    else:
-        mask = select_blocks_torch(scores, threshold, q_len, k_len, block_size, causal)
+        return select_blocks_triton(scores, threshold, q_len, k_len, block_size, causal, inputs)
+    mask = select_blocks_torch(scores, threshold, q_len, k_len, block_size, causal)
 
     candidate = candidate_blocks(q_len, k_len, block_size, causal, scores.device)
     # A row whose mass is unknown (a NaN or inf score: from non-finite q or k, or a NaN user
