@@ -243,6 +243,18 @@ def test_fp8_triton_matches_torch_fp8_path(gen, name, causal, monkeypatch):
     assert (got * ~ref_candidates(lq, lk, bs, causal)).abs().max() <= 1e-6
 
 
+def test_fp8_estimate_non_contiguous_inputs(backend, gen):
+    """[B, L, H, D] storage viewed as [B, H, L, D] (what transformers hands over): the quantized
+    copies keep that layout, and the scores are those of the contiguous tensors."""
+    q, k = _fp8_inputs(gen, "gqa2_odd_chunk_bs64_s8", torch.float16)
+    qt, kt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    assert not qt.is_contiguous()
+    _, _, _, _, _, _, bs, s = FP8_CASES["gqa2_odd_chunk_bs64_s8"]
+    got = estimate_block_scores(qt, kt, s, bs, backend=backend, estimate_dtype=FP8)
+    ref = estimate_block_scores(q, k, s, bs, backend="torch", estimate_dtype=FP8)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fp8_estimate_of_tiny_inputs_is_finite(backend, gen, dtype):
     """float16 heads near the smallest normal: the clamped scale keeps everything finite."""
