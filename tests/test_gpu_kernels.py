@@ -234,6 +234,139 @@ def test_selection_and_index_wide_rows(k_len):
 
 
 # ---------------------------------------------------------------------------------------------
+# The FP8 (e4m3) estimate: estimate_dtype=torch.float8_e4m3fn.
+# ---------------------------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+# Tolerance of the FP8 kernel against the PyTorch FP8 path. Both compute on exactly the same e4m3
+# operands (quantize_per_head is deterministic and its power-of-two scales are exact), and each
+# e4m3 x e4m3 product (4 x 4 significant bits) is exact in fp32, so only the accumulation differs:
+# the PyTorch path sums in IEEE fp32, while Triton's FP8 MMA on sm90 keeps the whole K loop in the
+# tensor core's reduced-precision accumulator by default (max_num_imprecise_acc = 2^30 on sm90,
+# i.e. never promoted to full fp32; it reportedly keeps about 14 significant bits). A relative
+# error ~1e-4 on logits of magnitude up to ~20 is an absolute error of a few 1e-3 in the exponent,
+# i.e. that relative error in every probability: ~1e-3 absolute on small block scores, rtol 1e-2
+# for the dominant ones (a score of 0.9 may move by a few 1e-3). A scale read for the wrong head
+# or a skipped tile moves scores by 1e-2 to 1.
+FP8_SCORE_TOL = dict(atol=1e-3, rtol=1e-2)
+
+
+def _fp8_or_skip():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matrix products need an sm89+ GPU")
+
+
+def _fp8_inputs(b, hq, hkv, lq, lk, d, seed):
+    """bf16 structured inputs with each (batch, head) of q and of k at its own amplitude (0.5x-2x),
+    so their power-of-two scales differ and a scale read for the wrong head shows."""
+    q, k, v = _inputs(b, hq, hkv, lq, lk, d, torch.float32, seed)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = q * torch.exp2(2 * torch.rand(b, hq, 1, 1, device="cuda", generator=g) - 1)
+    k = k * torch.exp2(2 * torch.rand(b, hkv, 1, 1, device="cuda", generator=g) - 1)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+FP8_SHAPES = [
+    # b, hq, hkv, lq, lk, d, block_size, stride
+    (1, 8, 2, 4096, 4096, 128, 128, 8),
+    (2, 4, 4, 3001, 5000, 64, 128, 16),
+    (1, 4, 1, 1000, 1000, 256, 64, 8),
+    (1, 9, 3, 2177, 2177, 64, 128, 8),
+    (1, 4, 2, 1500, 2100, 32, 128, 8),  # D=32: FP8's smallest reduced dim, no padding
+    (1, 2, 1, 777, 1300, 16, 64, 16),  # D=16, padded to 32 for the FP8 dot
+    (1, 4, 2, 1000, 1800, 80, 128, 8),  # D=80, padded to 128
+]
+
+
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_fp8_estimate_matches_torch_fp8_path(shape, causal):
+    _fp8_or_skip()
+    b, hq, hkv, lq, lk, d, bs, s = shape
+    q, k, _ = _fp8_inputs(b, hq, hkv, lq, lk, d, seed=lq + d)
+    got = estimate_block_scores(q, k, s, bs, causal, backend="triton", estimate_dtype=FP8)
+    ref = estimate_block_scores(q, k, s, bs, causal, backend="torch", estimate_dtype=FP8)
+    assert got.shape == ref.shape and not got.isnan().any()
+    torch.testing.assert_close(got, ref, **FP8_SCORE_TOL)
+    torch.testing.assert_close(got.sum(-1), torch.ones_like(got[..., 0]), atol=1e-4, rtol=0)
+    # The FP8 rounding itself is visible (the comparison is with the rounded operands' scores).
+    exact = estimate_block_scores(q, k, s, bs, causal, backend="torch")
+    assert (exact - ref).abs().max() > 1e-3
+
+
+# Every FP8 config the pruner can keep (elem=1: more fit shared memory than at 2 bytes) and the
+# quick-tuning config, forced one by one. The D=32 shape has no kept config with BLOCK_D <= 32, so
+# it runs kept_configs' fallback.
+FP8_CONFIG_SHAPES = EST_CONFIG_SHAPES + [(1, 4, 2, 1200, 1900, 32, 128, 8)]
+
+
+def _fp8_estimate_cases():
+    from xattention.kernels import estimate as est
+    from xattention.kernels._tuning import smem_limit
+
+    smem = smem_limit(torch.device("cuda") if torch.cuda.is_available() else None)
+    cases = []
+    for shape in FP8_CONFIG_SHAPES:
+        b, hq, hkv, lq, lk, d, bs, s = shape
+        gpb, g_tile = bs // s, est._head_tile(hq // hkv)
+        d_pad = max(32, 1 << (d - 1).bit_length())
+        configs = est.kept_configs(gpb, g_tile, d_pad, False, elem=1, smem=smem)
+        configs += [c for c in est.kept_configs(gpb, g_tile, d_pad, True, elem=1, smem=smem)
+                    if c not in configs]
+        cases += [pytest.param(shape, c, id=f"{'-'.join(map(str, shape))}-{c}") for c in configs]
+        cases.append(pytest.param(shape, "quick", id=f"{'-'.join(map(str, shape))}-quick"))
+    return cases
+
+
+@pytest.mark.parametrize(("shape", "config"), _fp8_estimate_cases())
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_fp8_estimate_every_kept_config(shape, config, causal):
+    _fp8_or_skip()
+    from xattention.kernels import estimate as est
+    from xattention.kernels._tuning import force_config
+
+    b, hq, hkv, lq, lk, d, bs, s = shape
+    if isinstance(config, str):  # "quick": the quick-tuning config of this launch
+        g_tile = est._head_tile(hq // hkv)
+        row_groups = -(-lq // s) * b * hkv * (hq // hkv // g_tile)
+        config = est._quick_config(bs // s, g_tile, max(32, 1 << (d - 1).bit_length()),
+                                   row_groups, torch.device("cuda"), elem=1)
+    q, k, _ = _fp8_inputs(b, hq, hkv, lq, lk, d, seed=lq + d)
+    with force_config(est._antidiagonal_estimate_fwd, config):
+        got = estimate_block_scores(q, k, s, bs, causal, backend="triton", estimate_dtype=FP8)
+    # float32 work on the same rounded operands (a float64 copy of q would round identically).
+    ref = estimate_block_scores(q, k, s, bs, causal, backend="torch", estimate_dtype=FP8)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, ref, **FP8_SCORE_TOL)
+
+
+@pytest.mark.parametrize(("b", "hq", "hkv", "lq", "lk", "d"),
+                         [(1, 8, 2, 4096, 4096, 128), (1, 4, 2, 3000, 5001, 64)],
+                         ids=["4096-gqa4", "chunk-gqa2"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_xattention_fp8_end_to_end(b, hq, hkv, lq, lk, d, causal):
+    """The FP8 estimate only picks the mask; attention on that mask stays exact."""
+    _fp8_or_skip()
+    from xattention.block_layout import candidate_blocks
+
+    q, k, v = _fp8_inputs(b, hq, hkv, lq, lk, d, seed=lk)
+    out, mask = xattention(q, k, v, threshold=0.9, causal=causal, return_mask=True,
+                           backend="triton", estimate_dtype=FP8)
+    assert not out.isnan().any()
+    ref = block_sparse_attention(q.double(), k.double(), v.double(), mask, causal=causal,
+                                 backend="torch")
+    assert _rel(out, ref) < 1e-2  # bf16 output
+    cand = candidate_blocks(lq, lk, 128, causal, device="cuda")
+    assert mask.sum() < cand.sum() * b * hq  # blocks were dropped
+    assert not (mask & ~cand).any()
+    # The mask is the FP8 estimate's: scores within FP8_SCORE_TOL of the PyTorch FP8 path, so the
+    # kept sets differ only where a block sits on the threshold.
+    ref_scores = estimate_block_scores(q, k, causal=causal, backend="torch", estimate_dtype=FP8)
+    ref_mask = select_blocks(ref_scores, 0.9, q_len=lq, k_len=lk, causal=causal)
+    assert (mask != ref_mask).float().mean().item() < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
 # The optional FlashAttention-4 sparse stage and the dense path for short inputs.
 # ---------------------------------------------------------------------------------------------
 

@@ -62,6 +62,45 @@ def test_estimate_each_tile_matches_reference(tile, shape, causal, gen, monkeypa
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
 
 
+# The FP8 estimate (estimate_dtype=float8_e4m3fn, the kernel's SCALED path) under the same tiles:
+# e4m3 operands with per-(batch, head) scales against the PyTorch path on the same rounded operands.
+# b, hq, hkv, lq, lk, d, block_size, stride, causal: non-causal GQA 4/2 (two heads per program)
+# with 256-group key tiles ragged at the end (258 groups) and head_dim 24, padded to FP8's minimum
+# of 32; causal, batch 2, Lq < Lk, S=8. (One causal mode each keeps the interpreter time down.)
+FP8_ESTIMATE_SHAPES = [
+    (1, 4, 2, 37, 1030, 24, 16, 4, False),
+    (2, 2, 1, 150, 260, 32, 64, 8, True),
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("tile", ESTIMATE_TILES, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("shape", FP8_ESTIMATE_SHAPES, ids=["gqa_bs16_s4_noncausal",
+                                                         "b2_bs64_s8_causal"])
+def test_fp8_estimate_each_tile_matches_torch_fp8(tile, shape, gen, monkeypatch):
+    from xattention.kernels import estimate as est
+    from xattention.kernels._tuning import force_config
+
+    monkeypatch.setenv("XATTENTION_POISON_OUTPUTS", "1")
+    b, hq, hkv, lq, lk, d, bs, s, causal = shape
+    rows, bn, bd = tile
+    if rows < bs // s or bn < bs // s:
+        pytest.skip("tile narrower than a block's groups (the pruner never keeps it)")
+    q, k, _ = _structured(gen, b, hq, hkv, lq, lk, d, torch.float32)
+    # Heads at different amplitudes: their power-of-two scales differ.
+    q = (q * torch.exp2(2 * torch.rand(b, hq, 1, 1, generator=gen) - 1)).half()
+    k = (k * torch.exp2(2 * torch.rand(b, hkv, 1, 1, generator=gen) - 1)).half()
+    fp8 = torch.float8_e4m3fn
+    config = triton.Config({"ROWS": rows, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=4,
+                           num_stages=1)
+    with force_config(est._antidiagonal_estimate_fwd, config):
+        got = estimate_block_scores(q, k, s, bs, causal, backend="triton", estimate_dtype=fp8)
+    ref = estimate_block_scores(q, k, s, bs, causal, backend="torch", estimate_dtype=fp8)
+    assert got.shape == (b, hq, cdiv(lq, bs), cdiv(lk, bs))
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, ref, atol=1e-7, rtol=1e-5)
+
+
 SPARSE_TILES = [(16, 16, False), (32, 16, True), (16, 32, False), (64, 64, True)]
 # b, hq, hkv, lq, lk, d, block_size
 SPARSE_SHAPES = [
