@@ -81,6 +81,34 @@ def bench_length(length: int, hq: int, hkv: int, d: int, block_size: int, stride
     return rows
 
 
+def profile_host(length: int, args) -> None:
+    """cProfile of the host side of the forced sparse call: where its microseconds go."""
+    import cProfile
+    import io
+    import pstats
+
+    q, k, v = qkv(1, args.heads, args.kv_heads, length, length, args.head_dim)
+
+    def call():
+        return xattention(q, k, v, 0.9, args.stride, args.block_size, min_sparse_len=0)
+
+    for _ in range(5):
+        call()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    from common import RESULTS
+
+    (RESULTS / "short_calls_profile.txt").write_text(text.getvalue())
+    print("\n".join(text.getvalue().splitlines()[:45]))
+
+
 def main() -> None:
     from common import shape_arguments
 
@@ -96,6 +124,7 @@ def main() -> None:
     meta = gpu_info() | {"head_dim": args.head_dim, "block_size": args.block_size,
                          "stride": args.stride, "threshold": 0.9, "dtype": "bfloat16",
                          "causal": True}
+    profile_host(parse_lengths(args.lengths)[0], args)
     write_results(args.name, meta, rows, cols,
                   f"Short xattention() calls: host vs device time, H={args.heads}/"
                   f"{args.kv_heads}, D={args.head_dim}, bf16, causal, t=0.9")

@@ -54,11 +54,13 @@ def fa4_dense_ms(q, k, v) -> float:
     return bench_ms(lambda: flash_attn_func(qt, kt, vt, causal=True))
 
 
-def time_xattention(q, k, v, ref, thr, stride, bs, cudnn_ms, min_sparse_len=0) -> dict:
+def time_xattention(q, k, v, ref, thr, stride, bs, cudnn_ms, min_sparse_len=0,
+                    estimate_dtype=None) -> dict:
     """min_sparse_len=0 times the sparse pipeline at every length; None, the automatic switch."""
     length = q.shape[2]
     run = lambda: xattention(q, k, v, threshold=thr, stride=stride, block_size=bs,  # noqa: E731
-                             return_mask=True, min_sparse_len=min_sparse_len)
+                             return_mask=True, min_sparse_len=min_sparse_len,
+                             estimate_dtype=estimate_dtype)
     out, mask = run()
     ms = bench_ms(run)
     return {"ms": ms, "density": block_density(mask, length, length, bs)["overall"],
@@ -90,8 +92,13 @@ def bench_length(length: int, args) -> list[dict]:
                      "speedup_vs_cudnn": cudnn_ms / fa4_ms})
     for s in (int(x) for x in args.strides.split(",")):
         for thr in (float(t) for t in args.thresholds.split(",")):
-            rows.append({"L": length, "method": f"xattention t={thr} S={s}"}
-                        | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms))
+            for name in args.estimate_dtypes.split(","):
+                fp8 = name == "fp8"
+                rows.append({"L": length, "method": f"xattention t={thr} S={s}"
+                             + (" fp8 estimate" if fp8 else "")}
+                            | time_xattention(q, k, v, ref, thr, s, bs, cudnn_ms,
+                                              estimate_dtype=torch.float8_e4m3fn if fp8
+                                              else None))
         scores = estimate_block_scores(q, k, s, bs)
         for target in (float(t) for t in args.target_densities.split(",") if t):
             thr = threshold_for_density(scores, target, length, bs)
@@ -147,6 +154,8 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.9,0.95")
     ap.add_argument("--target-densities", default="0.1,0.2")
     ap.add_argument("--strides", default="8,16")
+    ap.add_argument("--estimate-dtypes", default="bf16",
+                    help="bf16,fp8: also time the FP8 estimate at the fixed thresholds")
     ap.add_argument("--real", default="", help="a file written by capture_real_qkv.py")
     ap.add_argument("--crossover", default="",
                     help="head counts like 32/8,8/2: time short inputs sparse vs dense instead")

@@ -49,6 +49,10 @@ sparse)
   ;;
 tests)
   cp .whl/a/* /tmp/
+  step fp8-accumulation
+  (cd benchmarks && timeout 150 python bench_estimate.py --kv-heads 8 --lengths 32k \
+    --strides 8 --estimate-dtypes fp8 --fp8-accumulation 0,128,64,32 --name estimate_gqa \
+    > "$r/fp8_acc.log" 2>&1); grep -v "^{" "$r/fp8_acc.log" | tail -14
   step tests
   XATTENTION_AUTOTUNE=quick timeout 420 python -m pytest -q -n 14 -p no:cacheprovider \
     --maxfail=30 tests/test_gpu_kernels.py -k "not fa4" > "$r/gpu_tests.log" 2>&1
@@ -57,9 +61,6 @@ tests)
   step short-calls
   XATTENTION_AUTOTUNE=quick timeout 90 python bench_short_calls.py --lengths 1k,4k,8k \
     > "$r/short.log" 2>&1; tail -22 "$r/short.log"
-  step crossover
-  XATTENTION_AUTOTUNE=quick timeout 100 python bench_xattention.py --crossover 32/8,8/2 \
-    --lengths 1k,2k,4k,8k,16k > "$r/crossover.log" 2>&1; tail -24 "$r/crossover.log"
   ;;
 e2e)
   install_fa4
@@ -72,6 +73,9 @@ e2e)
   timeout 300 python bench_xattention.py --lengths 32k,128k --heads 32 --kv-heads 8 \
     --thresholds 0.9 --estimate-dtypes bf16,fp8 --name xattention_gqa > "$r/xattention.log" 2>&1
   tail -20 "$r/xattention.log"
+  step crossover
+  XATTENTION_AUTOTUNE=quick timeout 100 python bench_xattention.py --crossover 32/8,8/2 \
+    --lengths 1k,2k,4k,8k,16k > "$r/crossover.log" 2>&1; tail -24 "$r/crossover.log"
   ;;
 esac
 tar czf "$OUT/results_$phase.tgz" -C "$OUT" r

@@ -206,9 +206,6 @@ def test_fp8_torch_path_matches_reference_on_rounded_operands(gen, name, causal,
     assert (exact - got).abs().max() > 1e-3
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="bug: quantize_per_head asks vector_norm for a float32 result of a "
-                          "float64 input, which torch refuses (narrowing)")
 @CAUSAL
 def test_fp8_torch_path_float64_inputs(gen, causal):
     """float64 is a supported input dtype; the FP8 path works in float64 on it."""

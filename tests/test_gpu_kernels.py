@@ -431,3 +431,44 @@ def test_short_inputs_run_dense_on_gpu(lq, lk, causal):
     assert _rel(out, ref) < 1e-2
     sparse = xattention(q, k, v, threshold=0.5, causal=causal, min_sparse_len=0)
     assert _rel(sparse, ref) > 0  # the sparse pipeline ran (and dropped blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_quantize_kernel_is_bitwise_torch(dtype):
+    """The one-pass Triton rounding to e4m3 gives the PyTorch rounding bit for bit: the same
+    scales, the same bytes, ties to even included (values halfway between e4m3 neighbours)."""
+    _fp8_or_skip()
+    from xattention.fp8 import quantize_per_head
+    from xattention.kernels.quantize import quantize_per_head_triton
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(2, 3, 1001, 80, device="cuda", generator=g)
+    x = x * torch.tensor([1.0, 37.0, 1e-3], device="cuda").view(1, 3, 1, 1)
+    x[0, 0, :8, 0] = torch.tensor([124.0, 120.0, 132.0, 0.5 * (0.25 + 0.28125), -124.0,
+                                   448.0, -448.0, 2.0 ** -9], device="cuda")
+    x = x.to(dtype)
+    layouts = {"contiguous": x, "[B, L, H, D] view": x.transpose(1, 2).contiguous().transpose(1, 2)}
+    ref, ref_scale = quantize_per_head(x)
+    for name, xi in layouts.items():
+        got, scale = quantize_per_head_triton(xi)
+        assert torch.equal(scale, ref_scale), name
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")],
+                         ids=["nan", "inf", "-inf"])
+def test_selection_nonfinite_rules_match_torch(which, value):
+    """The selection kernel's own non-finite rules (flags from q, k, v) give the PyTorch rules'
+    mask on the same scores; GQA, Lq < Lk, odd lengths."""
+    from xattention.estimate import _estimate
+    from xattention.selection import _select
+
+    q, k, v = _inputs(1, 8, 2, 3001, 5000, 128, torch.bfloat16, seed=13)
+    x = {"q": q, "k": k, "v": v}[which]
+    x[0, 1, x.shape[2] // 2, 5] = value
+    scores = _estimate(q, k, 8, 128, True, 128 ** -0.5, "triton")
+    got = _select(scores, 0.9, 3001, 5000, 128, True, "triton", inputs=(q, k, v))
+    ref = _select(scores, 0.9, 3001, 5000, 128, True, "torch", inputs=(q, k, v))
+    assert got.view(torch.uint8).max() <= 1
+    assert torch.equal(got, ref)

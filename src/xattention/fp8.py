@@ -34,15 +34,23 @@ def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         >>> bool(((x8.float() * scale[..., None, None] - x).abs() <= x.abs() / 16 + 1e-6).all())
         True
     """
-    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1), dtype=torch.float32)
-    # 2^ceil(log2(amax / 448)); an all-zero slice keeps scale 1. inf/NaN stay non-finite.
-    scale = torch.exp2(torch.ceil(torch.log2(amax / _E4M3_MAX)))
-    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-    # Not below the input dtype's smallest normal, so the scale itself is exact in that dtype
-    # (float16: 2^-14); a head that small rounds into e4m3's subnormals, its scores ~0 anyway.
-    scale = scale.clamp(min=torch.finfo(x.dtype).tiny)
+    scale = head_scales(x)
     x8 = (x / scale[..., None, None].to(x.dtype)).to(FP8_DTYPE)
     return x8, scale
+
+
+def head_scales(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, H]``: per (batch, head) of ``x [B, H, L, D]``, the smallest power of two
+    ``s`` with ``max|x| / s <= 448`` (1 for an all-zero slice; non-finite where ``x`` is)."""
+    # The max is exact in any dtype; the power of two is found in float64, so that a max just
+    # above a power of two can never round to a scale one step too small (e4m3 would overflow).
+    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1)).double()
+    scale = torch.exp2(torch.ceil(torch.log2(amax / _E4M3_MAX)))
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    # Not below the smallest normal of the input dtype (float16: 2^-14) or of float32, so the
+    # scale is exact in both; a head that small rounds into e4m3's subnormals, its scores ~0.
+    tiny = max(torch.finfo(x.dtype).tiny, torch.finfo(torch.float32).tiny)
+    return scale.clamp(min=tiny).float()
 
 
 def dequantize(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

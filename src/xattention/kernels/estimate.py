@@ -30,10 +30,14 @@ import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
-from ..fp8 import quantize_per_head
 from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
+from .quantize import quantize_per_head_triton
 
 _LOG2E = 1.4426950408889634
+# FP8 products: how many reduced elements the MMA may sum at its own (reduced, on sm90) precision
+# before the partial joins the float32 accumulator. 0: Triton's default (the whole key tile's
+# loop in the MMA accumulator). Being measured (benchmarks/NOTES.md, run 10).
+FP8_PROMOTE_EVERY = 0
 # Scratch for partial block sums of one launch, in bytes.
 _SCRATCH_BYTES = 512 << 20
 
@@ -115,18 +119,20 @@ def kept_configs(gpb: int, g_tile: int, d_pad: int, few_programs: bool = False, 
 
 
 def _quick_config(gpb: int, g_tile: int, d_pad: int, row_groups: int,
-                  device: torch.device, elem: int = 2) -> triton.Config:
+                  device: torch.device, elem: int = 2, len_bucket: int = 0) -> triton.Config:
     """The shape full tuning picked on the H200, with rows halved while the grid would leave SMs
-    idle (at 4k, S=16 has half the query groups of S=8 and ran 2.6x slower at 128 rows)."""
+    idle (at 4k, S=16 has half the query groups of S=8 and ran 2.6x slower at 128 rows), and
+    256-wide key tiles from 32k keys on (the best of every kept config at 128k, run 10)."""
     rows = max(16, gpb, 128 // g_tile)
     floor = max(16, gpb)
     if device.type == "cuda":
         while rows > floor and triton.cdiv(row_groups, rows) < _sm_count(device.index or 0):
             rows //= 2
     warps = 8 if rows * g_tile >= 128 else 4
-    # FP8: 128 elements (128 bytes) per tile row, the widest shared-memory swizzle.
-    block_d = min(d_pad, 128 if elem == 1 else 64)
-    return triton.Config({"ROWS": rows, "BLOCK_N": max(128, gpb), "BLOCK_D": block_d},
+    wide = warps == 8 and rows * g_tile <= 128 and len_bucket >= 15
+    # FP8: 128 head_dim elements per tile row (128 bytes, as bf16's 64).
+    return triton.Config({"ROWS": rows, "BLOCK_N": 256 if wide else max(128, gpb),
+                          "BLOCK_D": min(d_pad, 128 if elem == 1 else 64)},
                          num_warps=warps, num_stages=3)
 
 
@@ -143,7 +149,8 @@ def _prune(configs, named_args, **kwargs):
     row_groups, device = named_args["row_groups"], named_args["Q"].device
     elem = named_args["Q"].element_size()
     if quick_tuning():
-        return [_quick_config(gpb, g_tile, d_pad, row_groups, device, elem)]
+        return [_quick_config(gpb, g_tile, d_pad, row_groups, device, elem,
+                              named_args["len_bucket"])]
     return kept_configs(gpb, g_tile, d_pad, _few_programs(row_groups, device), elem,
                         smem_limit(device))
 
@@ -154,7 +161,7 @@ def _prune(configs, named_args, **kwargs):
     # short inputs and chunked prefill (few query rows against many keys) tune apart.
     # Triton adds the tensors' dtypes to the key, so FP8 operands tune apart from bf16 ones.
     key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "rows_bucket",
-         "IS_FP32", "SCALED"],
+         "IS_FP32", "SCALED", "FP8_ACC"],
     prune_configs_by={"early_config_prune": _prune},
     # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
     do_bench=autotune_timer(),
@@ -170,12 +177,13 @@ def _antidiagonal_estimate_fwd(
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr, FP8_ACC: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_TILE * ROWS
     NB_T: tl.constexpr = BLOCK_N // GPB  # key blocks per key tile
     ND: tl.constexpr = D_PAD // BLOCK_D
+    ACC_K: tl.constexpr = FP8_ACC if FP8_ACC < BLOCK_D else BLOCK_D
     group = q_heads // kv_heads
     tiles_per_chunk = tl.num_programs(0)
     pid_r = tiles_per_chunk - 1 - tl.program_id(0)  # heaviest (latest) rows first
@@ -231,6 +239,8 @@ def _antidiagonal_estimate_fwd(
                          mask=(k_rows < k_len)[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
             if IS_FP32:  # tf32 would cost ~1e-3 relative error on the logits
                 acc = tl.dot(qv, kv, acc, input_precision="ieee")
+            elif FP8_ACC > 0:
+                acc = tl.dot(qv, kv, acc, max_num_imprecise_acc=ACC_K)
             else:
                 acc = tl.dot(qv, kv, acc)
         allowed = (kg < num_k_groups)[None, :]
@@ -290,7 +300,7 @@ def estimate_block_scores_triton(
                         torch.float32, q.device)
     q_scale = k_scale = None
     if estimate_dtype is not None:
-        (q, q_scale), (k, k_scale) = quantize_per_head(q), quantize_per_head(k)
+        (q, q_scale), (k, k_scale) = quantize_per_head_triton(q), quantize_per_head_triton(k)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     gpb = block_size // stride
@@ -336,5 +346,6 @@ def estimate_block_scores_triton(
             a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
             HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
             CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32, SCALED=q_scale is not None,
+            FP8_ACC=FP8_PROMOTE_EVERY if q_scale is not None else 0,
         )
     return scores

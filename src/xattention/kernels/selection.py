@@ -126,8 +126,9 @@ def nonfinite_blocks_triton(x: torch.Tensor, block_size: int,
     n = -(-length // block_size)
     out = new_output((b, h, n), torch.int8, x.device)
     d_pad = triton.next_power_of_2(d)
-    rows = max(1, min(block_size, 8192 // d_pad))
-    while block_size % rows:  # row chunks must tile the block
+    # Row chunks: a power of two (a Triton tile) that divides the block, at most 8192 elements.
+    rows = block_size & -block_size
+    while rows * d_pad > 8192:
         rows //= 2
     _nonfinite_blocks_kernel[(n, b * h)](
         x, x if y is None else y, out, x.stride(0), x.stride(1), x.stride(2), h, length, n,
