@@ -280,10 +280,13 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         " difference of block scores (rows sum to 1). *Worst layer*: the layer with the largest"
         " share of changed rows, with its rows-changed share and mean-recall change.",
         "",
-        "**How to read it.** FP8 is harmless where the recall columns of exact and FP8 agree:"
-        " a changed row usually swaps or adds a block of near-equal score at the threshold"
-        " edge, so its recall moves by about that block's mass. Recall below t is the"
-        " estimate's own error (true mass vs estimated mass), present in both columns.",
+        "**How to read it.** FP8 costs nothing where the exact and FP8 columns agree. A changed"
+        " row differs in blocks near its threshold cut, so its recall moves by about those"
+        " blocks' true mass, up or down (*rows losing / gaining > 0.01*: share of rows whose"
+        " recall fell / rose by more than 0.01 when switching to FP8). Recall below t in both"
+        " columns is the antidiagonal estimate's own error (estimated vs true mass), not FP8's."
+        " The first query blocks of every head (all candidates forced) count as rows and never"
+        " change.",
         "",
     ]
     for name, res in results["models"].items():
@@ -296,7 +299,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
                   f"{max(x['q_fp8_rel_err'] for x in res['per_layer']):.4f} / "
                   f"{max(x['k_fp8_rel_err'] for x in res['per_layer']):.4f}. "
                   f"Capture {res['capture_s']:.0f} s (0 = cached), analysis "
-                  f"{res['analysis_s']:.0f} s.", "",
+                  f"{res['analysis_s']:.0f} s. {_layer_summary(res)}", "",
                   "| S | t | rows changed | density exact / fp8 | recall mean exact / fp8 |"
                   " recall p5 exact / fp8 | recall min exact / fp8 | query-row p5 exact / fp8 |"
                   " rows losing / gaining > 0.01 recall | worst row loss | max \\|d score\\| |"
@@ -319,6 +322,24 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
                 f"{w['recall_delta_mean']:+.5f} |")
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def _layer_summary(res: dict[str, Any]) -> str:
+    """Where the changes are: the top layers by changed rows, and which way blocks moved."""
+    first = res["aggregate"][0]
+    s, t = first["stride"], first["threshold"]
+    cfgs = [(lay["layer"], c) for lay in res["per_layer"] for c in lay["configs"]
+            if c["stride"] == s and c["threshold"] == t]
+    top = sorted(cfgs, key=lambda lc: -lc[1]["share_rows_changed"])[:3]
+    only_e = sum(c["blocks_only_exact"] for lay in res["per_layer"] for c in lay["configs"])
+    only_f = sum(c["blocks_only_fp8"] for lay in res["per_layer"] for c in lay["configs"])
+    k_log2 = max(lay["k_scales_log2"][1] for lay in res["per_layer"])
+    return (f"Most changed rows (S={s}, t={t}): "
+            + ", ".join(f"L{i} {_pct(c['share_rows_changed'])} (max |d score| "
+                        f"{c['score_max_abs_diff']:.3f})" for i, c in top)
+            + f". Over all configs, {only_f} blocks were kept only by FP8 and {only_e} only by"
+            f" the exact estimate. Largest K scale 2^{k_log2}: max |k| of that head in"
+            f" ({224 * 2**k_log2:g}, {448 * 2**k_log2:g}].")
 
 
 def _layers_text(layers: list[int]) -> str:
