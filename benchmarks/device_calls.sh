@@ -77,5 +77,21 @@ e2e)
   XATTENTION_AUTOTUNE=quick timeout 100 python bench_xattention.py --crossover 32/8,8/2 \
     --lengths 1k,2k,4k,8k,16k > "$r/crossover.log" 2>&1; tail -24 "$r/crossover.log"
   ;;
+e2e_sparse)
+  install_fa4
+  step fa4-tests
+  XATTENTION_AUTOTUNE=quick timeout 110 python -m pytest -q -p no:cacheprovider -n 4 \
+    tests/test_gpu_kernels.py -k "fa4" > "$r/gpu_tests_fa4.log" 2>&1
+  tail -3 "$r/gpu_tests_fa4.log"; grep -E "^FAILED" "$r/gpu_tests_fa4.log" | head -10
+  cd benchmarks
+  step sparse-gqa
+  XATTENTION_AUTOTUNE=quick timeout 240 python bench_sparse_attention.py --lengths 32k,128k \
+    --heads 32 --kv-heads 8 --name sparse_attention_gqa > "$r/sparse_gqa.log" 2>&1
+  tail -16 "$r/sparse_gqa.log"
+  step xattention
+  XATTENTION_AUTOTUNE=quick timeout 190 python bench_xattention.py --lengths 32k,128k \
+    --heads 32 --kv-heads 8 --thresholds 0.9 --estimate-dtypes bf16,fp8 --name xattention_gqa \
+    > "$r/xattention.log" 2>&1; tail -22 "$r/xattention.log"
+  ;;
 esac
 tar czf "$OUT/results_$phase.tgz" -C "$OUT" r

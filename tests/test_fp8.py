@@ -183,7 +183,9 @@ def _fp8_inputs(gen, name, dtype):
 
 def _ref_fp8(q, k, stride, block_size, causal):
     """float64 reference on the rounded operands."""
-    q64, k64 = (dequantize(*quantize_per_head(x), torch.float64) for x in (q, k))
+    # Keys are centred before rounding (xattention.fp8), queries are not.
+    q64 = dequantize(*quantize_per_head(q), torch.float64)
+    k64 = dequantize(*quantize_per_head(k, center=True), torch.float64)
     return ref_block_scores(q64, k64, stride, block_size, causal)
 
 
@@ -332,3 +334,49 @@ def test_fp8_nonfinite_head_keeps_every_candidate(backend, make_qkv, gen, which,
             assert torch.equal(mask[0, h], cand), h
         else:
             assert torch.equal(mask[0, h], clean[0, h]), h
+
+
+# Key centring (xattention.fp8): subtracting each head's mean key shifts a query row's logits by
+# one amount, so the estimate is unchanged; rounding then spends e4m3's bits on what varies.
+
+
+@CAUSAL
+@pytest.mark.parametrize("lk", [256, 250], ids=["whole_groups", "partial_last_group"])
+def test_centring_keys_leaves_the_estimate_unchanged(gen, causal, lk):
+    q = torch.randn(1, 4, 200, 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, lk, 16, generator=gen, dtype=torch.float64) + 3.0
+    centred = k - k.mean(dim=-2, keepdim=True)
+    a, b = (ref_block_scores(q, x, 8, 32, causal) for x in (k, centred))
+    if lk % 8 == 0:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    else:  # the zero padding of the last key group is not centred: only blocks holding it move
+        torch.testing.assert_close(a[..., :-1], b[..., :-1], rtol=0.5, atol=0.05)
+        assert (a - b).abs().max() > 1e-6
+
+
+def test_centred_rounding_survives_a_large_per_head_key_offset(gen):
+    """Keys carrying a large constant (Qwen2.5's first layer: |k| up to 362, under 10 once the
+    head's mean is removed): uncentred, one scale per head leaves 3 bits for the offset and none
+    for what tells keys apart; centred, the FP8 estimate stays close to the exact one."""
+    q = torch.randn(1, 4, 512, 32, generator=gen)
+    k = torch.randn(1, 2, 512, 32, generator=gen) * 3
+    k[..., :4] += 300.0
+    exact = estimate_block_scores(q, k, 8, 64, True, backend="torch")
+    fp8 = estimate_block_scores(q, k, 8, 64, True, backend="torch", estimate_dtype=FP8)
+    uncentred = ref_block_scores(dequantize(*quantize_per_head(q), torch.float64),
+                                 dequantize(*quantize_per_head(k), torch.float64), 8, 64, True)
+    centred_err = (fp8 - exact).abs().max().item()
+    uncentred_err = (uncentred.float() - exact).abs().max().item()
+    assert centred_err < 0.05
+    assert uncentred_err > 4 * centred_err
+
+
+def test_centred_scales_match_the_explicit_shift(gen):
+    x = (torch.randn(2, 3, 301, 24, generator=gen) * 5 + 40).to(torch.bfloat16)
+    x8, scale = quantize_per_head(x, center=True)
+    shifted = x.float() - x.float().mean(dim=-2, keepdim=True)
+    amax = shifted.abs().amax(dim=(-2, -1))
+    assert torch.equal(scale, torch.exp2(torch.ceil(torch.log2(amax / 448))))
+    assert (x8.float().abs() <= 448).all()
+    rel = (x8.float() * scale[..., None, None] - shifted).abs() / shifted.abs().clamp(min=1e-2)
+    assert rel.max() <= 2.0 ** -4 + 1e-6

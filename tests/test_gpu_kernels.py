@@ -448,11 +448,12 @@ def test_fp8_quantize_kernel_is_bitwise_torch(dtype):
                                    448.0, -448.0, 2.0 ** -9], device="cuda")
     x = x.to(dtype)
     layouts = {"contiguous": x, "[B, L, H, D] view": x.transpose(1, 2).contiguous().transpose(1, 2)}
-    ref, ref_scale = quantize_per_head(x)
-    for name, xi in layouts.items():
-        got, scale = quantize_per_head_triton(xi)
-        assert torch.equal(scale, ref_scale), name
-        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), name
+    for center in (False, True):  # keys are centred (xattention.fp8)
+        ref, ref_scale = quantize_per_head(x, center)
+        for name, xi in layouts.items():
+            got, scale = quantize_per_head_triton(xi, center)
+            assert torch.equal(scale, ref_scale), (name, center)
+            assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), (name, center)
 
 
 @pytest.mark.parametrize("which", ["q", "k", "v"])

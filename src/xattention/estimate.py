@@ -96,7 +96,8 @@ def _estimate(q, k, stride, block_size, causal, scale, backend, estimate_dtype=N
                                             estimate_dtype)
     if estimate_dtype is not None:  # the reference of the FP8 mode: the same rounded operands
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q, k = (dequantize(*quantize_per_head(x), work) for x in (q, k))
+        q = dequantize(*quantize_per_head(q), work)
+        k = dequantize(*quantize_per_head(k, center=True), work)  # xattention.fp8: why centred
     return estimate_block_scores_torch(q, k, stride, block_size, causal, scale)
 
 

@@ -300,7 +300,9 @@ def estimate_block_scores_triton(
                         torch.float32, q.device)
     q_scale = k_scale = None
     if estimate_dtype is not None:
-        (q, q_scale), (k, k_scale) = quantize_per_head_triton(q), quantize_per_head_triton(k)
+        # Keys centred: the softmax over key groups ignores a per-row shift (xattention.fp8).
+        (q, q_scale) = quantize_per_head_triton(q)
+        (k, k_scale) = quantize_per_head_triton(k, center=True)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     gpb = block_size // stride

@@ -14,14 +14,14 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreter_enabled
-from ..fp8 import FP8_DTYPE, head_scales, quantize_per_head
+from ..fp8 import FP8_DTYPE, head_scales, quantize_per_head, token_mean
 
 
 @triton.jit
 def _quantize_e4m3_kernel(
-    X, Scale, Out,
+    X, Scale, Mean, Out,
     stride_b, stride_h, stride_l, num_heads, length,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr, CENTER: tl.constexpr,
 ):
     bh = tl.program_id(1)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -29,27 +29,33 @@ def _quantize_e4m3_kernel(
     ok = (rows < length)[:, None] & (d < HEAD_DIM)[None, :]
     x = tl.load(X + (bh // num_heads) * stride_b + (bh % num_heads) * stride_h
                 + rows[:, None] * stride_l + d[None, :], mask=ok, other=0.0)
+    x = x.to(tl.float32)
+    if CENTER:
+        x = x - tl.load(Mean + bh * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)[None, :]
     # Dividing by a power of two is exact, so the cast is the only rounding (to nearest even).
-    y = (x.to(tl.float32) / tl.load(Scale + bh)).to(tl.float8e4nv)
+    y = (x / tl.load(Scale + bh)).to(tl.float8e4nv)
     tl.store(Out + bh * length * HEAD_DIM + rows[:, None] * HEAD_DIM + d[None, :], y, mask=ok)
 
 
-def quantize_per_head_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_head_triton(x: torch.Tensor, center: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``xattention.fp8.quantize_per_head`` in one Triton pass: (contiguous e4m3 copy, scales)."""
     if interpreter_enabled():
         # Triton's CPU interpreter rounds float -> e4m3 wrongly near exponent boundaries (125.2
         # becomes 64, not 128: 74 of 4096 values in [-300, 300] differ from torch), so interpreted
         # runs round with PyTorch; the kernel's rounding is tested on the GPU, bit for bit.
-        return quantize_per_head(x)
+        return quantize_per_head(x, center)
     b, h, length, d = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    scale = head_scales(x)
+    mean = token_mean(x) if center else None
+    scale = head_scales(x, mean)
     out = torch.empty((b, h, length, d), dtype=FP8_DTYPE, device=x.device)
     d_pad = triton.next_power_of_2(d)
     rows = max(1, min(128, 8192 // d_pad))
     _quantize_e4m3_kernel[(triton.cdiv(length, rows), b * h)](
-        x, scale, out, x.stride(0), x.stride(1), x.stride(2), h, length,
-        HEAD_DIM=d, D_PAD=d_pad, ROWS=rows,
+        x, scale, scale if mean is None else mean.contiguous(), out,
+        x.stride(0), x.stride(1), x.stride(2), h, length,
+        HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, CENTER=center,
     )
     return out, scale
