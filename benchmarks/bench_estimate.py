@@ -68,15 +68,7 @@ def main() -> None:
     ap.add_argument("--estimate-dtypes", default="bf16",
                     help="comma list of bf16 (products in bf16) and fp8 (e4m3 operands)")
     ap.add_argument("--sweep", default="", help="a length at which to time every kept config")
-    ap.add_argument("--fp8-accumulation", default="",
-                    help="comma list of FP8_PROMOTE_EVERY values to compare (0: Triton default)")
     args = ap.parse_args()
-    if args.fp8_accumulation:
-        acc_rows = fp8_accumulation(args)
-        acc_cols = ["promote_every", "config", "ms_128k", "max_abs_err_32k", "mask_blocks_differ"]
-        write_results(args.name + "_fp8_accumulation", gpu_info(), acc_rows, acc_cols,
-                      "FP8 estimate: MMA accumulation precision vs speed (S=8, causal)")
-        print_table(acc_rows, acc_cols)
     bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
     rows = []
     for length in parse_lengths(args.lengths):
@@ -134,44 +126,6 @@ def bench_length(length: int, args) -> list[dict]:
         mask = select_blocks(scores, 0.9, q_len=length, k_len=length, block_size=bs)
         row["index_ms"] = bench_ms(lambda: build_block_index(mask, length, length, bs, True))
         rows.append(row)
-    return rows
-
-
-def fp8_accumulation(args) -> list[dict]:
-    """FP8 products summed in the MMA's reduced-precision accumulator for the whole loop (Triton's
-    default on sm90) or promoted to float32 every N reduced elements: time at 128k with two
-    configs, error and mask change at 32k against the PyTorch path on the same operands."""
-    import triton
-
-    bs, h, hkv, d = args.block_size, args.heads, args.kv_heads, args.head_dim
-    stride = 8
-    configs = [triton.Config({"ROWS": 32, "BLOCK_N": n, "BLOCK_D": 128}, num_warps=8,
-                             num_stages=3) for n in (256, 128)]
-    q, k, _ = qkv(1, h, hkv, 32768, 32768, d)
-    ref = estimate_block_scores(q, k, stride, bs, True, backend="torch",
-                                estimate_dtype=torch.float8_e4m3fn)
-    ref_mask = select_blocks(ref, 0.9, q_len=32768, k_len=32768, block_size=bs)
-    q_long, k_long, _ = qkv(1, h, hkv, 131072, 131072, d)
-    rows = []
-    for promote in (int(x) for x in args.fp8_accumulation.split(",")):
-        kernel_module.FP8_PROMOTE_EVERY = promote
-        for config in configs:
-            try:
-                with force_config(kernel_module._antidiagonal_estimate_fwd, config):
-                    got = estimate_block_scores(q, k, stride, bs, True, backend="triton",
-                                                estimate_dtype=torch.float8_e4m3fn)
-                    mask = select_blocks(got, 0.9, q_len=32768, k_len=32768, block_size=bs)
-                    ms = bench_ms(lambda: estimate_block_scores(
-                        q_long, k_long, stride, bs, True, backend="triton",
-                        estimate_dtype=torch.float8_e4m3fn), rep=20)
-            except Exception as exc:  # a variant that does not compile is a result too
-                print(f"promote_every={promote} {config}: {type(exc).__name__}: {exc}"[:300])
-                continue
-            rows.append({"promote_every": promote, "config": str(config), "ms_128k": ms,
-                         "max_abs_err_32k": (got - ref).abs().max().item(),
-                         "mask_blocks_differ": (mask != ref_mask).sum().item() / mask.numel()})
-            print(rows[-1], flush=True)
-    kernel_module.FP8_PROMOTE_EVERY = 0
     return rows
 
 

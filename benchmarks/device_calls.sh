@@ -77,6 +77,23 @@ e2e)
   XATTENTION_AUTOTUNE=quick timeout 100 python bench_xattention.py --crossover 32/8,8/2 \
     --lengths 1k,2k,4k,8k,16k > "$r/crossover.log" 2>&1; tail -24 "$r/crossover.log"
   ;;
+final)
+  step tests
+  XATTENTION_AUTOTUNE=quick timeout 200 python -m pytest -q -n 14 -p no:cacheprovider \
+    --maxfail=30 tests/test_gpu_kernels.py > "$r/gpu_tests.log" 2>&1
+  tail -3 "$r/gpu_tests.log"; grep -E "^FAILED" "$r/gpu_tests.log" | head -20
+  cd benchmarks
+  step short-calls
+  XATTENTION_AUTOTUNE=quick timeout 70 python bench_short_calls.py --lengths 1k,4k,8k \
+    > "$r/short.log" 2>&1; grep -A30 "  L  heads" "$r/short.log" | tail -24
+  step estimate
+  XATTENTION_AUTOTUNE=quick timeout 90 python bench_estimate.py --lengths 32k,128k --kv-heads 8 \
+    --estimate-dtypes bf16,fp8 --name estimate_gqa > "$r/estimate.log" 2>&1
+  tail -9 "$r/estimate.log"
+  step crossover
+  XATTENTION_AUTOTUNE=quick timeout 110 python bench_xattention.py --crossover 32/8,8/2 \
+    --lengths 1k,2k,4k,8k,16k > "$r/crossover.log" 2>&1; tail -22 "$r/crossover.log"
+  ;;
 e2e_sparse)
   install_fa4
   step fa4-tests

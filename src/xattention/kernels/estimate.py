@@ -34,10 +34,6 @@ from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 from .quantize import quantize_per_head_triton
 
 _LOG2E = 1.4426950408889634
-# FP8 products: how many reduced elements the MMA may sum at its own (reduced, on sm90) precision
-# before the partial joins the float32 accumulator. 0: Triton's default (the whole key tile's
-# loop in the MMA accumulator). Being measured (benchmarks/NOTES.md, run 10).
-FP8_PROMOTE_EVERY = 0
 # Scratch for partial block sums of one launch, in bytes.
 _SCRATCH_BYTES = 512 << 20
 
@@ -161,7 +157,7 @@ def _prune(configs, named_args, **kwargs):
     # short inputs and chunked prefill (few query rows against many keys) tune apart.
     # Triton adds the tensors' dtypes to the key, so FP8 operands tune apart from bf16 ones.
     key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "rows_bucket",
-         "IS_FP32", "SCALED", "FP8_ACC"],
+         "IS_FP32", "SCALED"],
     prune_configs_by={"early_config_prune": _prune},
     # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
     do_bench=autotune_timer(),
@@ -177,13 +173,12 @@ def _antidiagonal_estimate_fwd(
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr, FP8_ACC: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_TILE * ROWS
     NB_T: tl.constexpr = BLOCK_N // GPB  # key blocks per key tile
     ND: tl.constexpr = D_PAD // BLOCK_D
-    ACC_K: tl.constexpr = FP8_ACC if FP8_ACC < BLOCK_D else BLOCK_D
     group = q_heads // kv_heads
     tiles_per_chunk = tl.num_programs(0)
     pid_r = tiles_per_chunk - 1 - tl.program_id(0)  # heaviest (latest) rows first
@@ -239,9 +234,11 @@ def _antidiagonal_estimate_fwd(
                          mask=(k_rows < k_len)[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
             if IS_FP32:  # tf32 would cost ~1e-3 relative error on the logits
                 acc = tl.dot(qv, kv, acc, input_precision="ieee")
-            elif FP8_ACC > 0:
-                acc = tl.dot(qv, kv, acc, max_num_imprecise_acc=ACC_K)
             else:
+                # FP8 on sm90: Triton keeps the whole loop in the MMA's reduced-precision
+                # accumulator. Promoting to float32 every 128 products cut the score error 14x
+                # (2e-3 -> 1.4e-4) but cost 1.4x (12.4 -> 17.1 ms at 128k), and changed 0.02% of
+                # the mask's blocks at 32k: not worth it (benchmarks/NOTES.md, run 10).
                 acc = tl.dot(qv, kv, acc)
         allowed = (kg < num_k_groups)[None, :]
         if CAUSAL:
@@ -348,6 +345,5 @@ def estimate_block_scores_triton(
             a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
             HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
             CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32, SCALED=q_scale is not None,
-            FP8_ACC=FP8_PROMOTE_EVERY if q_scale is not None else 0,
         )
     return scores
