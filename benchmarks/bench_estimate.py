@@ -28,9 +28,9 @@ from common import (
 
 from xattention import estimate_block_scores, select_blocks
 from xattention.estimate import strided_keys, strided_queries
-from xattention.fp8 import quantize_per_head
 from xattention.kernels import estimate as kernel_module
 from xattention.kernels._tuning import force_config
+from xattention.kernels.quantize import quantize_per_head_triton
 from xattention.kernels.sparse_attention import build_block_index
 
 DTYPES = {"bf16": None, "fp8": torch.float8_e4m3fn}
@@ -109,7 +109,8 @@ def bench_length(length: int, args) -> list[dict]:
                "original_ms(DESIGN)": ORIGINAL_MS.get(length, {}).get(stride, float("nan"))}
         row["vs_original"] = row["original_ms(DESIGN)"] / ms
         if dtype is not None:
-            row["quantize_ms"] = bench_ms(lambda: (quantize_per_head(q), quantize_per_head(k)))
+            row["quantize_ms"] = bench_ms(lambda: (quantize_per_head_triton(q),
+                                                   quantize_per_head_triton(k, center=True)))
         if length <= 32768:  # the PyTorch path on the same (rounded) operands
             ref = estimate_block_scores(q, k, stride, bs, True, backend="torch",
                                         estimate_dtype=dtype)

@@ -94,6 +94,15 @@ final)
   XATTENTION_AUTOTUNE=quick timeout 110 python bench_xattention.py --crossover 32/8,8/2 \
     --lengths 1k,2k,4k,8k,16k > "$r/crossover.log" 2>&1; tail -22 "$r/crossover.log"
   ;;
+short)
+  cd benchmarks
+  step short-calls
+  XATTENTION_AUTOTUNE=quick timeout 70 python bench_short_calls.py --lengths 1k,4k,8k \
+    > "$r/short.log" 2>&1; grep -A30 "  L  heads" "$r/short.log" | tail -24
+  step crossover
+  XATTENTION_AUTOTUNE=quick timeout 110 python bench_xattention.py --crossover 32/8,8/2 \
+    --lengths 1k,2k,4k,8k,16k > "$r/crossover.log" 2>&1; tail -22 "$r/crossover.log"
+  ;;
 e2e_sparse)
   install_fa4
   step fa4-tests

@@ -23,6 +23,10 @@ from ..block_layout import candidate_blocks
 DENSE_FLOP_CROSSOVER = 4e11
 
 
+# SDPA grew enable_gqa in torch 2.5.
+_SDPA_TAKES_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 def dense_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
     b, hq, lq, d = q.shape
     lk = k.shape[2]
@@ -49,12 +53,17 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """Exact attention through SDPA (cuDNN first on CUDA), queries aligned to the end of the keys.
 
     SDPA's ``is_causal`` aligns queries to the start of the keys, so ``Lq < Lk`` passes the
-    bottom-right causal mask explicitly; GQA repeats K/V (short inputs: a small copy) through
-    expand + reshape, since ``repeat_interleave`` waits for the GPU to size its output.
+    bottom-right causal mask explicitly. GQA goes to SDPA's ``enable_gqa`` (torch >= 2.5; cuDNN
+    took it on the H200 with torch 2.11 at the same device time, two copies fewer); older torch
+    repeats K/V through expand + reshape, since ``repeat_interleave`` waits for the GPU to size
+    its output.
     """
     b, hkv, lk_, d = k.shape
     group = q.shape[1] // hkv
-    if group > 1:
+    extra = {}
+    if group > 1 and _SDPA_TAKES_GQA:
+        extra["enable_gqa"] = True
+    elif group > 1:
         k = k[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
         v = v[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
     lq, lk = q.shape[2], k.shape[2]
@@ -65,7 +74,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     previous = _prefer_cudnn()
     try:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                              is_causal=causal and lq == lk, scale=scale)
+                                              is_causal=causal and lq == lk, scale=scale,
+                                              **extra)
     finally:
         if previous is not None:
             torch._C._set_sdp_priority_order(previous)
