@@ -15,6 +15,13 @@ def test_defaults():
     assert (s.threshold, s.stride, s.block_size, s.min_prefill) == (0.9, 8, 128, 128)
     assert s.thresholds is None and s.dense_layers == () and s.stats_dir is None
     assert settings_from_env({"XATTENTION_BLOCK_SIZE": "64"}).min_prefill == 64
+    assert not s.fp8_estimate
+
+
+@pytest.mark.parametrize(("raw", "fp8"), [("fp8", True), (" FP8 ", True), ("exact", False),
+                                          ("", False)])
+def test_fp8_estimate_setting(raw, fp8):
+    assert settings_from_env({"XATTENTION_ESTIMATE": raw}).fp8_estimate is fp8
 
 
 @pytest.mark.parametrize("env, name", [
@@ -28,6 +35,7 @@ def test_defaults():
     ({"XATTENTION_MIN_PREFILL": "1"}, "XATTENTION_MIN_PREFILL"),
     ({"XATTENTION_DENSE_LAYERS": "0,one"}, "XATTENTION_DENSE_LAYERS"),
     ({"XATTENTION_PROFILE": "/nonexistent/profile.json"}, "XATTENTION_PROFILE"),
+    ({"XATTENTION_ESTIMATE": "bf16"}, "XATTENTION_ESTIMATE"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ValueError, match=name):

@@ -237,7 +237,9 @@ class XAttentionImplMixin:
             threshold = self._xa_threshold = threshold.to(q.device)
         out, mask = xattention(q, k.to(q.dtype), v.to(q.dtype), threshold=threshold,
                                stride=settings.stride, block_size=settings.block_size,
-                               causal=True, scale=self.scale, return_mask=True)
+                               causal=True, scale=self.scale, return_mask=True,
+                               estimate_dtype=torch.float8_e4m3fn if settings.fp8_estimate
+                               else None)
         output[row.start:row.end] = out[0].transpose(0, 1).to(output.dtype)
         stats.record(self._xa_layer, mask, row.end - row.start, row.seq_len, self.num_heads,
                      settings.block_size)
