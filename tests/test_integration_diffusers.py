@@ -238,6 +238,32 @@ def test_low_threshold_sparsifies(tiny, gen):
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-3)
 
 
+def test_fp8_estimate_option_reaches_the_video_attention(tiny, gen, monkeypatch):
+    import xattention.integrations.diffusers.joint as joint
+
+    model, inputs = tiny
+    seen = []
+    real = joint.estimate_block_scores
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("estimate_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(joint, "estimate_block_scores", spy)
+    real_x = joint.xattention
+
+    def spy_x(*args, **kwargs):
+        seen.append(kwargs.get("estimate_dtype"))
+        return real_x(*args, **kwargs)
+
+    monkeypatch.setattr(joint, "xattention", spy_x)
+    xd.enable(model, threshold=0.3, warmup_steps=0, estimate_dtype=torch.float8_e4m3fn, **OPTS)
+    out = _run(model, inputs(gen))
+    assert torch.isfinite(out).all()
+    assert seen and set(seen) == {torch.float8_e4m3fn}
+    assert 0 < xd.last_stats(model).overall() < 0.8
+
+
 def test_warmup_steps_stay_dense_and_count_cfg_calls_once(wan, gen):
     model, inputs = wan
     timesteps = [900.0, 900.0, 800.0, 700.0, 700.0]  # CFG: two calls per step at the same t
@@ -345,6 +371,8 @@ class _NotATransformer:
     (dict(thresholds=[0.9, -1.0]), ValueError, r"thresholds\[1\]"),
     (dict(thresholds="0.9"), TypeError, "thresholds"),
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(estimate_dtype="fp8"), TypeError, "estimate_dtype"),
+    (dict(estimate_dtype=torch.float16), ValueError, "estimate_dtype"),
 ])
 def test_bad_arguments_are_named(wan, kwargs, error, match):
     model, _ = wan

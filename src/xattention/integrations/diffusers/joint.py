@@ -77,17 +77,18 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) ->
 
 def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     threshold: float | torch.Tensor, stride: int, block_size: int, scale: float,
-                    backend: str, need_lse: bool
+                    backend: str, need_lse: bool, estimate_dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """XAttention of video rows over video keys (non-causal); ``(out, lse or None, mask)``."""
     if not need_lse:
         out, mask = xattention(q, k, v, threshold=threshold, stride=stride, block_size=block_size,
-                               causal=False, scale=scale, backend=backend, return_mask=True)
+                               causal=False, scale=scale, backend=backend, return_mask=True,
+                               estimate_dtype=estimate_dtype)
         return out, None, mask
     # The same three stages as xattention(), with the log-sum-exp kept for the merge.
     length = q.shape[2]
     scores = estimate_block_scores(q, k, stride=stride, block_size=block_size, causal=False,
-                                   scale=scale, backend=backend)
+                                   scale=scale, backend=backend, estimate_dtype=estimate_dtype)
     mask = select_blocks(scores, threshold, q_len=length, k_len=length, block_size=block_size,
                          causal=False, backend=backend)
     out, lse = block_sparse_attention(q, k, v, mask, block_size=block_size, causal=False,
@@ -108,7 +109,8 @@ def _rows_over_video(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, video: tuple[int, int],
                     text_keys: torch.Tensor | None, threshold: float | torch.Tensor, stride: int,
-                    block_size: int, scale: float, backend: str
+                    block_size: int, scale: float, backend: str,
+                    estimate_dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence (batch of sequences with the same valid text keys).
 
@@ -117,7 +119,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, video:
         video: ``(v0, v1)``, the span of video tokens; every other token is text.
         text_keys: long indices of the text keys every row may see (the valid ones), or None for
             all tokens outside the video span.
-        threshold, stride, block_size, scale, backend: as for :func:`xattention.xattention`.
+        threshold, stride, block_size, scale, backend, estimate_dtype: as for
+            :func:`xattention.xattention`.
 
     Returns:
         ``out [B, H, N, D]`` in q's dtype and the video block mask ``[B, H, nB, nB]``.
@@ -131,7 +134,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, video:
     has_text_keys = text_keys.numel() > 0
     out_v, lse_v, mask = video_attention(q[:, :, v0:v1], *kv_video, threshold=threshold,
                                          stride=stride, block_size=block_size, scale=scale,
-                                         backend=backend, need_lse=has_text_keys)
+                                         backend=backend, need_lse=has_text_keys,
+                                         estimate_dtype=estimate_dtype)
     if v0 == 0 and v1 == n and not has_text_keys:
         return out_v, mask
     out = torch.empty_like(q)

@@ -176,7 +176,7 @@ class XAttentionProcessor:
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         options = dict(video=video, threshold=state.threshold_for(self.layer, q.device),
                        stride=state.stride, block_size=state.block_size, scale=scale,
-                       backend=state.backend)
+                       backend=state.backend, estimate_dtype=state.estimate_dtype)
         if keys is True or bool(keys.all()):
             out, mask = joint_attention(q, k, v, text_keys=None, **options)
         else:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..._validation import check_backend
+from ..._validation import check_backend, check_estimate_dtype
 from ..transformers.thresholds import threshold_table
 from .models import ModelSpec, spec_for
 from .options import block_params, layer_set, non_negative_int
@@ -31,6 +31,7 @@ class State:
     thresholds: dict[int, float | torch.Tensor]
     dense_layers: frozenset[int]
     record_stats: bool
+    estimate_dtype: torch.dtype | None = None
     stats: VideoAttentionStats = field(default_factory=VideoAttentionStats)
     counter: StepCounter = field(default_factory=StepCounter)
     text_len: int | None = None  # encoder_hidden_states length seen by the forward pre-hook
@@ -84,6 +85,7 @@ def enable(
     *,
     backend: str = "auto",
     record_stats: bool = True,
+    estimate_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Run the video self-attention of a diffusers video transformer through XAttention.
 
@@ -103,6 +105,8 @@ def enable(
             or tensor), or ``{layer: float or [heads]}``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`xattention.xattention`).
         record_stats: count kept blocks per step and layer (see :func:`last_stats`).
+        estimate_dtype: ``torch.float8_e4m3fn``: the estimate on FP8 operands (see
+            :func:`xattention.xattention`), faster at video lengths on Hopper; None: exact.
 
     Layers are the video self-attention modules in model order: Wan ``blocks[i].attn1``;
     HunyuanVideo and Flux ``transformer_blocks`` then ``single_transformer_blocks``; CogVideoX
@@ -122,6 +126,7 @@ def enable(
     stride, block_size = block_params(stride, block_size)
     warmup_steps = non_negative_int(warmup_steps, "warmup_steps")
     backend = check_backend(backend)
+    estimate_dtype = check_estimate_dtype(estimate_dtype)
     if not isinstance(record_stats, bool):
         raise TypeError(f"record_stats must be a bool, got {type(record_stats).__name__}")
     if is_enabled(transformer):
@@ -147,7 +152,7 @@ def enable(
                   warmup_steps=warmup_steps,
                   thresholds=threshold_table(threshold, thresholds, num_layers, heads.pop()),
                   dense_layers=layer_set(dense_layers, num_layers, "dense_layers"),
-                  record_stats=record_stats)
+                  record_stats=record_stats, estimate_dtype=estimate_dtype)
     for i, (module, proc) in enumerate(zip(modules, processors, strict=True)):
         state.originals.append((module, proc))
         module.set_processor(wrapper_class(type(proc))(proc, i, state))
