@@ -243,20 +243,15 @@ def test_fp8_estimate_option_reaches_the_video_attention(tiny, gen, monkeypatch)
 
     model, inputs = tiny
     seen = []
-    real = joint.estimate_block_scores
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("estimate_dtype"))
-        return real(*args, **kwargs)
+    def spy(real):
+        def call(*args, **kwargs):
+            seen.append(kwargs.get("estimate_dtype"))
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(joint, "estimate_block_scores", spy)
-    real_x = joint.xattention
-
-    def spy_x(*args, **kwargs):
-        seen.append(kwargs.get("estimate_dtype"))
-        return real_x(*args, **kwargs)
-
-    monkeypatch.setattr(joint, "xattention", spy_x)
+    for name in ("xattention", "estimate_block_scores"):  # without / with text tokens
+        monkeypatch.setattr(joint, name, spy(getattr(joint, name)))
     xd.enable(model, threshold=0.3, warmup_steps=0, estimate_dtype=torch.float8_e4m3fn, **OPTS)
     out = _run(model, inputs(gen))
     assert torch.isfinite(out).all()
