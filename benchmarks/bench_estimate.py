@@ -137,7 +137,7 @@ def _sweep_cases(args) -> list[tuple[int, str, object]]:
     for stride in (int(s) for s in args.strides.split(",")):
         for name in args.estimate_dtypes.split(","):
             elem = 1 if DTYPES[name] is not None else 2
-            d_pad = max(16 if elem > 1 else 32, 1 << (args.head_dim - 1).bit_length())
+            d_pad = kernel_module.padded_head_dim(args.head_dim, elem)
             cases += [(stride, name, c) for c in kernel_module.kept_configs(
                 args.block_size // stride, g_tile, d_pad, False, elem)]
     return cases

@@ -148,7 +148,7 @@ def _estimate_cases():
     for shape in EST_CONFIG_SHAPES:
         b, hq, hkv, lq, lk, d, bs, s = shape
         gpb, g_tile = bs // s, est._head_tile(hq // hkv)
-        d_pad = max(16, 1 << (d - 1).bit_length())
+        d_pad = est.padded_head_dim(d, 2)
         configs = est.kept_configs(gpb, g_tile, d_pad, False)
         configs += [c for c in est.kept_configs(gpb, g_tile, d_pad, True) if c not in configs]
         cases += [pytest.param(shape, c, id=f"{'-'.join(map(str, shape))}-{c}") for c in configs]
@@ -309,7 +309,7 @@ def _fp8_estimate_cases():
     for shape in FP8_CONFIG_SHAPES:
         b, hq, hkv, lq, lk, d, bs, s = shape
         gpb, g_tile = bs // s, est._head_tile(hq // hkv)
-        d_pad = max(32, 1 << (d - 1).bit_length())
+        d_pad = est.padded_head_dim(d, 1)
         configs = est.kept_configs(gpb, g_tile, d_pad, False, elem=1, smem=smem)
         configs += [c for c in est.kept_configs(gpb, g_tile, d_pad, True, elem=1, smem=smem)
                     if c not in configs]
@@ -329,7 +329,7 @@ def test_fp8_estimate_every_kept_config(shape, config, causal):
     if isinstance(config, str):  # "quick": the quick-tuning config of this launch
         g_tile = est._head_tile(hq // hkv)
         row_groups = -(-lq // s) * b * hkv * (hq // hkv // g_tile)
-        config = est._quick_config(bs // s, g_tile, max(32, 1 << (d - 1).bit_length()),
+        config = est._quick_config(bs // s, g_tile, est.padded_head_dim(d, 1),
                                    row_groups, torch.device("cuda"), elem=1)
     q, k, _ = _fp8_inputs(b, hq, hkv, lq, lk, d, seed=lq + d)
     with force_config(est._antidiagonal_estimate_fwd, config):

@@ -279,6 +279,12 @@ def _antidiagonal_estimate_fwd(
         tl.store(out_ptrs + kb[None, :], score, mask=out_ok & (kb < num_k_blocks)[None, :])
 
 
+def padded_head_dim(head_dim: int, elem: int) -> int:
+    """The head_dim the kernel tiles over (``D_PAD``): a power of two, at least 16, or 32 for
+    1-byte (FP8) operands, whose matrix products reduce over at least 32 elements."""
+    return max(16 if elem > 1 else 32, triton.next_power_of_2(head_dim))
+
+
 def _head_tile(group: int) -> int:
     """Query heads per program: the largest power of two dividing the GQA group, at most 8."""
     tile = 1
@@ -298,16 +304,15 @@ def estimate_block_scores_triton(
     q_scale = k_scale = None
     if estimate_dtype is not None:
         # Keys centred: the softmax over key groups ignores a per-row shift (xattention.fp8).
-        (q, q_scale) = quantize_per_head_triton(q)
-        (k, k_scale) = quantize_per_head_triton(k, center=True)
+        q, q_scale = quantize_per_head_triton(q)
+        k, k_scale = quantize_per_head_triton(k, center=True)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     gpb = block_size // stride
     g_tile = _head_tile(hq // hkv)
     nqg, nkg = num_blocks(lq, stride), num_blocks(lk, stride)
     nqb, nkb = scores.shape[2], scores.shape[3]
-    # FP8 matrix products take at least 32 elements of the reduced dim.
-    d_pad = max(16 if q.element_size() > 1 else 32, triton.next_power_of_2(d))
+    d_pad = padded_head_dim(d, q.element_size())
 
     # Scratch rows hold one partial sum per key block (stores past the last block are masked, so
     # no tile width can overflow a row) and one running max per key tile (tl.dot needs tiles of
