@@ -40,7 +40,7 @@ from capture_real_qkv import essay_text
 from tqdm import tqdm
 
 from xattention import block_density, estimate_block_scores, select_blocks
-from xattention.fp8 import FP8_DTYPE, dequantize, quantize_per_head
+from xattention.fp8 import FP8_DTYPE, dequantize, quantize_per_head, token_mean
 from xattention.stats import block_attention_mass
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,10 +117,14 @@ def _loss_shares(delta: torch.Tensor) -> dict[str, float]:
             "share_rows_recall_gain_gt_1pct": float((delta > 0.01).float().mean())}
 
 
-def _quant_rel_err(x: torch.Tensor) -> float:
-    """||x - fp8(x)|| / ||x|| of the rounded operand the FP8 estimate computes with."""
+def _quant_rel_err(x: torch.Tensor, center: bool) -> float:
+    """||x' - fp8(x')|| / ||x'|| of the operand the FP8 estimate rounds (x' = x, or x minus its
+    per-head mean over tokens for the keys: ``xattention.fp8``)."""
     xf = x.float()
-    return float((dequantize(*quantize_per_head(x), torch.float32) - xf).norm() / xf.norm())
+    if center:
+        xf = xf - token_mean(x)[..., None, :]
+    x8 = dequantize(*quantize_per_head(x, center), torch.float32)
+    return float((x8 - xf).norm() / xf.norm())
 
 
 @dataclass
@@ -182,9 +186,11 @@ def analyse_layer(q: torch.Tensor, k: torch.Tensor, strides: list[int],
     rows = torch.clamp(length - torch.arange(nqb) * block_size, max=block_size).float()
     block_mass = F.pad(row_mass, (0, 0, 0, pad)).unflatten(2, (nqb, block_size)).sum(3) \
         / rows[:, None]
-    out: dict[str, Any] = {"q_fp8_rel_err": _quant_rel_err(q), "k_fp8_rel_err": _quant_rel_err(k),
+    out: dict[str, Any] = {"q_fp8_rel_err": _quant_rel_err(q, False),
+                           "k_fp8_rel_err": _quant_rel_err(k, True),
                            "q_scales_log2": _log2_range(quantize_per_head(q)[1]),
-                           "k_scales_log2": _log2_range(quantize_per_head(k)[1]), "configs": []}
+                           "k_scales_log2": _log2_range(quantize_per_head(k, True)[1]),
+                           "configs": []}
     for stride in strides:
         exact = estimate_block_scores(q, k, stride, block_size, True, backend="torch")
         fp8 = estimate_block_scores(q, k, stride, block_size, True, backend="torch",
@@ -339,7 +345,7 @@ def _layer_summary(res: dict[str, Any]) -> str:
             + ", ".join(f"L{i} {_pct(c['share_rows_changed'])} (max |d score| "
                         f"{c['score_max_abs_diff']:.3f})" for i, c in top)
             + f". Over all configs, {only_f} blocks were kept only by FP8 and {only_e} only by"
-            f" the exact estimate. Largest K scale 2^{k_log2}: max |k| of that head in"
+            f" the exact estimate. Largest K scale 2^{k_log2}: max |k - mean k| of that head in"
             f" ({224 * 2**k_log2:g}, {448 * 2**k_log2:g}].")
 
 
