@@ -31,7 +31,14 @@ def register_cli(subparsers: Any) -> None:
     r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     r.add_argument("--tasks", nargs="+", default=None,
                    help="RULER task names, or 'all', 'default', 'cpu' (default: default)")
-    r.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
+    r.add_argument("--samples", type=_per_length_arg, nargs="+", default=[10],
+                   metavar="N|LENGTH=N",
+                   help="samples per (task, length): N for every length, LENGTH=N for one "
+                        "(e.g. --samples 40 32768=24)")
+    r.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
+                   help="the methods to run, instead of full + --thresholds x --strides: "
+                        "full, t0.9-s8, t0.9-s8-b64, t0.9-s8-fp8 (FP8 estimate), "
+                        "profile:PATH[=LABEL]")
     r.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     r.add_argument("--strides", type=int, nargs="+", default=[8, 16])
     r.add_argument("--block-size", type=int, default=128)
@@ -41,8 +48,13 @@ def register_cli(subparsers: Any) -> None:
     r.add_argument("--profile", action="append", default=[], metavar="JSON[=LABEL]",
                    help="also run XAttention with this calibration profile (repeatable); "
                         "LABEL names the method in the results (default: profile-<file stem>)")
-    r.add_argument("--batch-size", type=int, default=1,
-                   help="samples of one task answered together (left-padded; faster on a GPU)")
+    r.add_argument("--batch-size", type=_per_length_arg, nargs="+", default=[1],
+                   metavar="N|LENGTH=N",
+                   help="samples of one task answered together (left-padded; faster on a GPU): "
+                        "N for every length, LENGTH=N for one (e.g. --batch-size 8 32768=2)")
+    r.add_argument("--round-samples", type=int, default=None,
+                   help="samples per length in one round of the breadth-first order "
+                        "(default: the largest batch size)")
     r.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap RULER's per-task generation budget")
     r.add_argument("--seed", type=int, default=42)
@@ -122,21 +134,49 @@ def _tasks(names: list[str] | None) -> list[str]:
     return names
 
 
+def _per_length_arg(text: str) -> tuple[int | None, int]:
+    """``N`` (every length) or ``LENGTH=N`` (one length)."""
+    length, sep, n = text.rpartition("=")
+    try:
+        return (int(length) if sep else None), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LENGTH=N, got {text!r}") from None
+
+
+def _per_length(items: list[tuple[int | None, int]], lengths: list[int]) -> dict[int, int]:
+    default = dict(items).get(None)
+    table = {n: default for n in lengths if default is not None}
+    table.update({length: n for length, n in items if length is not None})
+    missing = [n for n in lengths if n not in table]
+    if missing:
+        raise SystemExit(f"no value for lengths {missing}: give N (all) or LENGTH=N")
+    return table
+
+
 def _ruler(args: argparse.Namespace) -> int:
     from .runner import Method, parse_methods, run_suite
 
     _threads(args.threads)
-    methods = parse_methods([] if args.no_grid else args.thresholds, args.strides,
-                            args.block_size, include_full=not args.no_full)
+    if args.methods is not None:
+        try:
+            methods = [Method.parse(spec) for spec in args.methods]
+        except ValueError as exc:
+            raise SystemExit(f"--methods: {exc}") from None
+    else:
+        methods = parse_methods([] if args.no_grid else args.thresholds, args.strides,
+                                args.block_size, include_full=not args.no_full)
     for item in args.profile:
         path, _, label = item.partition("=")
         methods.append(Method.from_profile(path, label or None))
     if not methods:
         raise SystemExit("nothing to run: --no-full and --no-grid without --profile")
-    run_suite(args.model, args.lengths, _tasks(args.tasks), methods, num_samples=args.samples,
+    run_suite(args.model, args.lengths, _tasks(args.tasks), methods,
+              num_samples=_per_length(args.samples, args.lengths),
               seed=args.seed, out=args.out, device=args.device, dtype=_dtype(args.dtype),
               backend=args.backend, max_new_tokens=args.max_new_tokens,
-              progress=not args.no_progress, batch_size=args.batch_size,
+              progress=not args.no_progress,
+              batch_size=_per_length(args.batch_size, args.lengths),
+              round_samples=args.round_samples,
               time_limit_s=None if args.time_limit is None else args.time_limit * 60)
     if args.report:
         from .report import write_report

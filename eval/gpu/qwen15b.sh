@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Real-model evidence on the lent GPU: Qwen2.5-Coder-1.5B-Instruct on the RULER-style suite
+# (12 tasks, 4k-32k, five methods) and its time to first token, resumable across calls and
+# sessions. Verbs, in the order a session uses them:
+#
+#   here:    qwen15b.sh pack          samples + tokenizer + the GGUF into call folders .xfer/1..N
+#   device:  qwen15b.sh receive N     check call N's pieces; when all are in, start the workers
+#   device:  qwen15b.sh collect       progress, and every record so far into $OUT/results.tgz
+#   device:  qwen15b.sh finish        stop the workers, time TTFT and single layers, collect
+#   here:    qwen15b.sh land DIR      merge a fetched results.tgz into eval/results/qwen2.5-1.5b
+#   here:    qwen15b.sh dry-run       the whole grid path on Qwen2.5-Coder-0.5B at 1k-2k (CPU)
+#
+# The records in eval/results/qwen2.5-1.5b/*.jsonl.gz are the state: a device session starts
+# from the committed ones and appends, the runner skips what is done (and refuses records made
+# from other samples), so every call adds to the same grid. The grid runs breadth-first: every
+# method at every length gets a few samples of every task before any gets more.
+set -uo pipefail
+cd "$(git rev-parse --show-toplevel 2>/dev/null || dirname "$0"/../..)" || exit 2
+MODEL=qwen2.5-1.5b
+RESULTS=eval/results/$MODEL
+METHODS="full t0.9-s8 t0.95-s8 t0.9-s16 t0.9-s8-fp8"
+# worker | lengths | samples | batch sizes | file   (one writer per file, fixed across sessions)
+WORKERS=(
+"a|4096 8192|40|4096=16 8192=8|$MODEL-4k-8k"
+"b|16384|40|8|$MODEL-16k"
+"c|32768|24|4|$MODEL-32k"
+)
+X=/tmp/xattn
+GGUF_NAME=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+
+pack() {
+    set -e
+    export XATTENTION_CACHE=${RULER_CACHE:-$PWD/.ruler_cache}
+    xattention eval prepare --model $MODEL --lengths 4096 8192 16384 --samples 40
+    xattention eval prepare --model $MODEL --lengths 32768 --samples 24
+    local gguf; gguf=$(python -c "from xattention.eval.models import gguf_path; print(gguf_path('$MODEL'))")
+    # A call carries the checkout too: size the pieces to what is left of 64 MiB (measured
+    # before the staging folder exists, which git would count as untracked).
+    rm -rf .xfer.tmp .xfer
+    local mib; mib=$(python -c "import os, subprocess; files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', '-z'], capture_output=True, check=True).stdout.decode().split(chr(0)); tree = sum(os.path.getsize(f) for f in files if f and os.path.isfile(f)); print(round(63 - tree / 2**20 - 1.5, 1))")
+    local tmp=.xfer.tmp; mkdir -p $tmp/site $tmp/cache
+    # What the device image lacks: the RULER task tables (the generators ran here, so the QA
+    # corpora stay behind), the gguf reader, the samples and the checked tokenizer.
+    local lce; lce=$(python -c "import long_context_eval, os; print(os.path.dirname(long_context_eval.__file__))")
+    cp -r "$lce" $tmp/site/ && rm -f $tmp/site/long_context_eval/data/synthetic/json/{squad,hotpotqa}.json
+    cp -r "$(python -c "import gguf, os; print(os.path.dirname(gguf.__file__))")" $tmp/site/
+    cp -r "$XATTENTION_CACHE/ruler" "$XATTENTION_CACHE/tokenizers" $tmp/cache/
+    tar -C $tmp -cf - site cache | xz -6 -T2 > $tmp/extras.tar.xz
+    python -m xattention.eval.pieces split $tmp/extras.tar.xz "$gguf" --out .xfer --call-mib "$mib"
+    rm -rf $tmp
+    du -sh .xfer/* | sort -V
+}
+
+env_device() {
+    export PYTHONPATH="$PWD/src:$X/site" XATTENTION_CACHE="$X/cache" XATTENTION_AUTOTUNE=quick
+    export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+}
+
+receive() {
+    env_device
+    mkdir -p $X/store $X/cache $X/results $X/logs
+    python3 -m xattention.eval.pieces receive ".xfer/$1" --store $X/store --dest $X/cache || exit 1
+    if [ -f $X/cache/extras.tar.xz ] && [ ! -f $X/extras.done ]; then
+        python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open('$X/cache/extras.tar.xz')).extractall('$X')" \
+            && touch $X/extras.done && echo "== extras unpacked"
+    fi
+    if [ -f "$X/cache/$GGUF_NAME" ] && [ -f $X/extras.done ] && [ ! -f $X/started ]; then start; fi
+    nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+}
+
+start() {  # one worker process per line of WORKERS, all on the lent GPU(s)
+    env_device
+    for f in "$RESULTS"/*.jsonl.gz; do  # resume from the committed records
+        [ -e "$f" ] || continue
+        local plain=$X/results/$(basename "${f%.gz}")
+        [ -f "$plain" ] || python3 -c "import gzip, shutil; shutil.copyfileobj(gzip.open('$f'), open('$plain', 'wb'))"
+    done
+    cp "$RESULTS"/*.meta.json $X/results/ 2>/dev/null
+    local gpus; gpus=$(nvidia-smi -L | wc -l)
+    local i=0
+    for w in "${WORKERS[@]}"; do
+        IFS='|' read -r name lengths samples batches file <<< "$w"
+        CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup python3 -m xattention eval ruler \
+            --model $MODEL --lengths $lengths --samples $samples --batch-size $batches \
+            --methods $METHODS --tasks default --device cuda --dtype bfloat16 --backend triton \
+            --time-limit "${EVAL_MINUTES:-12}" --out "$X/results/$file.jsonl" \
+            > "$X/logs/worker-$name.log" 2>&1 < /dev/null &
+        i=$((i + 1))
+    done
+    date +%s > $X/started && echo "== started ${#WORKERS[@]} workers on $gpus GPU(s)"
+}
+
+collect() {
+    for f in $X/logs/*.log; do
+        [ -e "$f" ] || continue
+        echo "--- $(basename "$f"): $(tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 1 | cut -c1-150)"
+        grep -iE "error|Traceback|out of memory" "$f" | tail -n 3
+    done
+    for f in $X/results/*.jsonl; do [ -e "$f" ] && echo "$(wc -l < "$f") records $(basename "$f")"; done
+    tar -C $X -czf "$OUT/results.tgz" results logs $( [ -d $X/bench ] && echo bench )
+}
+
+finish() {
+    env_device
+    pkill -f "xattention eval ruler" && sleep 5
+    mkdir -p $X/bench
+    (cd benchmarks && XATTENTION_BENCH_OUT=$X/bench timeout "${TTFT_SECONDS:-300}" python3 bench_ttft.py \
+        --model $MODEL --lengths "${TTFT_LENGTHS:-8k,16k,32k}" --layers 0,9,18,27) 2>&1 | tee $X/logs/ttft.log | tail -n 40
+    collect
+}
+
+land() {  # land DIR: the folder holding a fetched results.tgz
+    set -e
+    local tmp; tmp=$(mktemp -d)
+    tar -C "$tmp" -xzf "$1/results.tgz"
+    mkdir -p "$RESULTS"
+    for f in "$tmp"/results/*.jsonl; do
+        [ -e "$f" ] || continue
+        gzip -9 -n -c "$f" > "$RESULTS/$(basename "$f").gz"
+    done
+    cp "$tmp"/results/*.meta.json "$RESULTS"/ 2>/dev/null || true
+    if [ -d "$tmp/bench" ]; then cp "$tmp"/bench/* benchmarks/results/; fi
+    mkdir -p "$RESULTS/logs" && cp "$tmp"/logs/*.log "$RESULTS/logs/" 2>/dev/null || true
+    rm -rf "$tmp"
+    xattention eval report "$RESULTS"/*.jsonl.gz --out "$RESULTS"
+    python -m xattention.eval.progress "$RESULTS"/*.jsonl.gz --target 4096=40 8192=40 16384=40 32768=24 \
+        --methods $METHODS
+}
+
+dry_run() {  # the device path on the CPU, small: catches path and option errors before a call
+    set -e
+    local out; out=$(mktemp -d)
+    # qa_2 (HotpotQA) cannot be built this short; its path is qa_1's.
+    local tasks; tasks=$(python -c "from xattention.eval.ruler import DEFAULT_TASKS as t; print(*[x for x in t if x != 'qa_2'])")
+    python -m xattention eval ruler --model qwen2.5-0.5b --lengths 2048 3072 --samples 2 3072=1 \
+        --batch-size 2 --methods $METHODS --tasks $tasks --device cpu \
+        --dtype float32 --backend auto --max-new-tokens 8 --out "$out/dry.jsonl" --no-progress
+    python -m xattention eval report "$out/dry.jsonl" --out "$out"
+    python -m xattention.eval.progress "$out/dry.jsonl" --target 2048=2 3072=1 --methods $METHODS \
+        --tasks $tasks
+    (cd benchmarks && python bench_ttft.py --help > /dev/null)
+    echo "dry run ok: $out"
+}
+
+case "${1:-}" in
+    pack) pack ;;
+    receive) receive "$2" ;;
+    start) start ;;
+    collect) collect ;;
+    finish) finish ;;
+    land) land "$2" ;;
+    dry-run) dry_run ;;
+    *) sed -n 2,12p "$0"; exit 2 ;;
+esac
