@@ -16,7 +16,10 @@ from ._lazy import lazy_exports
 if TYPE_CHECKING:
     from .api import xattention
     from .estimate import estimate_block_scores
-    from .selection import select_blocks
+    from .graphs import XAttentionGraph
+    from .merge import merge_attention
+    from .plan import SparsePlan
+    from .selection import select_blocks, select_plan
     from .sparse_attention import block_sparse_attention
     from .stats import block_density
 
@@ -25,6 +28,10 @@ _EXPORTS = {
     "xattention": "api",
     "estimate_block_scores": "estimate",
     "select_blocks": "selection",
+    "select_plan": "selection",
+    "SparsePlan": "plan",
+    "merge_attention": "merge",
+    "XAttentionGraph": "graphs",
     "block_sparse_attention": "sparse_attention",
     "block_density": "stats",
 }
@@ -33,7 +40,11 @@ __all__ = [
     "xattention",
     "estimate_block_scores",
     "select_blocks",
+    "select_plan",
     "block_sparse_attention",
+    "SparsePlan",
+    "merge_attention",
+    "XAttentionGraph",
     "block_density",
 ]
 __version__ = "0.1.0"

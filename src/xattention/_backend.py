@@ -106,3 +106,45 @@ def resolve_backend(backend: str, device: torch.device, unsupported: str | None,
     warn_once(f"xattention: the Triton {op} kernel cannot serve this call ({reason}); "
               "using the PyTorch reference path")
     return "torch"
+
+
+# -- implementation choices owned here: the sparse stage's FA4 route, the dense switch ----------
+
+# Dense FLOPs below which dense attention beat the whole xattention() call on the H200 (t=0.9,
+# benchmarks/results/xattention_crossover.md, measured with the six-launch pipeline before the
+# plan): at 32 heads, D=128 the sparse call lost at 4k (1.4e11) and won at 8k (5.5e11, 1.2-2.4x);
+# at 8 heads it lost at 8k and won at 16k: the same FLOP counts. On other GPUs this is a lead;
+# min_sparse_len overrides it per call. To be re-set from benchmarks/device_plan.sh's crossover.
+DENSE_FLOP_CROSSOVER = 4e11
+
+
+def dense_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
+    """FLOPs of dense attention: 2 products x 2 FLOPs per multiply-add x visible pairs x D."""
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    pairs = lq * lk - (lq * (lq - 1) // 2 if causal else 0)
+    return 4.0 * b * hq * pairs * d
+
+
+def runs_dense(q: torch.Tensor, k: torch.Tensor, causal: bool, backend: str,
+               min_sparse_len: int | None) -> bool:
+    """Whether ``xattention()`` should skip the sparse pipeline for these inputs.
+
+    ``min_sparse_len`` None: automatic, only for ``backend="auto"`` on CUDA, by the FLOP
+    crossover; an int: dense when the key length is below it (0: always sparse).
+    """
+    if min_sparse_len is not None:
+        return k.shape[2] < min_sparse_len
+    if backend != "auto" or not q.is_cuda:
+        return False
+    return dense_flops(q, k, causal) < DENSE_FLOP_CROSSOVER
+
+
+def uses_fa4(q: torch.Tensor, k: torch.Tensor, block_size: int, backend: str) -> bool:
+    """Whether the sparse stage goes to FlashAttention-4: ``backend="auto"`` on CUDA where FA4 is
+    installed and can serve (faster than the Triton kernel on Hopper and Blackwell)."""
+    if backend != "auto" or not q.is_cuda:
+        return False
+    from .kernels.fa4 import fa4_unsupported_reason
+
+    return fa4_unsupported_reason(q, k, block_size) is None

@@ -7,12 +7,15 @@ name the offending argument; the backends behind it assume valid input.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch")
+LAYOUTS = ("bhsd", "bshd")
 
 
 @dataclass(frozen=True)
@@ -41,20 +44,56 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def _layout_hint(q: torch.Tensor, k: torch.Tensor) -> str:
-    """Advice appended to a shape error when the inputs look like ``[B, L, H, D]``.
+def _layout_hint(q: torch.Tensor, k: torch.Tensor, layout: str = "bhsd") -> str:
+    """Advice leading a shape error when the inputs look like the other layout.
 
-    Only in errors: a short valid ``[B, H, L, D]`` input (decode, a few tokens) can have fewer rows
-    than heads too, so this is never a reason to reject or warn on its own.
+    Only in errors and warnings: a short valid input (decode, a few tokens) can have fewer rows
+    than heads too, so this is never a reason to reject on its own.
     """
     if q.shape[2] < q.shape[1] or k.shape[2] < k.shape[1]:
-        return (f" (expected [B, H, L, D]; got q {list(q.shape)}, k {list(k.shape)}, which look "
-                "like [B, L, H, D]: pass q.transpose(1, 2) etc.)")
+        if layout == "bshd":
+            return (f"layout='bshd' reads [B, L, H, D], but q {list(q.transpose(1, 2).shape)}, "
+                    f"k {list(k.transpose(1, 2).shape)} look like [B, H, L, D]: pass "
+                    "layout='bhsd'. ")
+        return (f"q {list(q.shape)}, k {list(k.shape)} look like [B, L, H, D] (FlashAttention's "
+                "layout): pass layout='bshd' (the default 'bhsd' reads [B, H, L, D]). ")
     return ""
 
 
-def check_qkv(q: object, k: object, v: object | None = None) -> AttentionShape:
-    """Validate q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] against docs/design.md §2.1 and return the sizes."""
+def check_layout(layout: object) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout  # type: ignore[return-value]
+
+
+def as_bhsd(layout: object, *tensors: object) -> tuple:
+    """``tensors`` as ``[B, H, L, D]`` views (no copy) and whether they came as ``"bshd"``.
+
+    Non-tensors pass through untouched, for ``check_qkv`` to reject by name.
+    """
+    bshd = check_layout(layout) == "bshd"
+    if not bshd:
+        return (*tensors, False)
+    views = tuple(t.transpose(1, 2) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
+                  for t in tensors)
+    return (*views, True)
+
+
+def from_bhsd(result, bshd: bool):
+    """A result (tensor, or tuple of tensors with the head axis at 1) back in the caller's
+    layout; masks and plans (block grids) stay as they are."""
+    if not bshd:
+        return result
+    if isinstance(result, tuple):
+        return tuple(from_bhsd(r, True) if i < 2 and isinstance(r, torch.Tensor) and
+                     r.dtype != torch.bool else r for i, r in enumerate(result))
+    return result.transpose(1, 2)
+
+
+def check_qkv(q: object, k: object, v: object | None = None, layout: str = "bhsd"
+              ) -> AttentionShape:
+    """Validate q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (already ``[B, H, L, D]`` views; ``layout`` is
+    what the caller passed, for the hints) against docs/design.md §2.1 and return the sizes."""
     q = _check_tensor("q", q)
     k = _check_tensor("k", k)
     named = [("q", q), ("k", k)]
@@ -68,6 +107,7 @@ def check_qkv(q: object, k: object, v: object | None = None) -> AttentionShape:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
     b, hq, lq, d = q.shape
     _, hkv, lk, dk = k.shape
+    hint = _layout_hint(q, k, layout)
     if k.shape[0] != b:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {b}")
     if dk != d:
@@ -75,14 +115,18 @@ def check_qkv(q: object, k: object, v: object | None = None) -> AttentionShape:
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA"
-                         + _layout_hint(q, k))
+        raise ValueError(f"{hint}q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA")
     if lq == 0 or lk == 0 or d == 0:
         raise ValueError(f"q and k need non-empty lengths and head_dim, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
     if lq > lk:
-        raise ValueError(f"q length ({lq}) must not exceed k length ({lk}): queries are the last "
-                         "q_len positions of the context" + _layout_hint(q, k))
+        raise ValueError(f"{hint}q length ({lq}) must not exceed k length ({lk}): queries are the "
+                         "last q_len positions of the context")
+    if k.shape[2] < k.shape[1]:
+        # [1, 4096, 8, 64] read as 4096 heads of 8 tokens is valid, and silently wrong.
+        warnings.warn(f"xattention: {hint or ''}k has a length axis ({lk}) shorter than its head "
+                      f"axis ({hkv}) under layout={layout!r}; check the layout", UserWarning,
+                      stacklevel=3)
     return AttentionShape(b, hq, hkv, lq, lk, d, q.device)
 
 
@@ -161,7 +205,7 @@ def check_threshold_value(name: str, value: object) -> float:
     The one wording for a bad threshold, wherever it comes from (``xattention``, a profile file,
     ``integrations.transformers.enable``); ``name`` says which argument or field it was.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a number in (0, inf), got {type(value).__name__}")
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
@@ -169,10 +213,17 @@ def check_threshold_value(name: str, value: object) -> float:
     return value
 
 
+def is_real_number(value: object) -> bool:
+    """Any real number type (int, float, NumPy scalars such as ``np.float32(0.9)``), not bool."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # NumPy's bool too
+        return False
+    return isinstance(value, numbers.Real)
+
+
 def check_scale(scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if not is_real_number(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
@@ -199,20 +250,29 @@ def check_backend(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
+def check_mask_tensor(name: str, mask: object) -> torch.Tensor:
+    """A bool tensor of rank 4 (a block mask), named ``name`` in the error."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor [B, Hq, nQB, nKB], got "
+                        f"{type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
+    if mask.dim() != 4:
+        raise ValueError(f"{name} must have rank 4 [B, Hq, nQB, nKB], got shape "
+                         f"{list(mask.shape)}")
+    return mask
+
+
 def check_block_mask(mask: object, shape: AttentionShape, block_size: int) -> torch.Tensor:
     """A bool mask [B|1, Hq|1, ceil(Lq/Bs), ceil(Lk/Bs)]; returned expanded to [B, Hq, ...]."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    mask = check_mask_tensor("mask", mask)
     if mask.device != shape.device:
         raise ValueError(f"mask is on {mask.device} but q is on {shape.device}; they must match")
     nqb = -(-shape.q_len // block_size)
     nkb = -(-shape.k_len // block_size)
     expected = (shape.batch, shape.q_heads, nqb, nkb)
     ok = (
-        mask.dim() == 4
-        and mask.shape[0] in (1, shape.batch)
+        mask.shape[0] in (1, shape.batch)
         and mask.shape[1] in (1, shape.q_heads)
         and tuple(mask.shape[2:]) == (nqb, nkb)
     )
@@ -220,6 +280,30 @@ def check_block_mask(mask: object, shape: AttentionShape, block_size: int) -> to
         raise ValueError(f"mask must have shape {list(expected)} (batch and head dims may be 1), "
                          f"got {list(mask.shape)}")
     return mask.expand(*expected)
+
+
+def check_plan(plan, shape: AttentionShape, block_size: object = None, causal: object = None):
+    """A :class:`~xattention.plan.SparsePlan` for these inputs, returned ``[B, Hq, ...]``.
+
+    ``block_size`` and ``causal``, when given, must match the plan's.
+    """
+    lay = plan.layout
+    if block_size is not None and check_block_size(block_size) != lay.block_size:
+        raise ValueError(f"block_size ({block_size}) differs from the plan's "
+                         f"({lay.block_size}); leave it out with a plan")
+    if causal is not None and check_bool("causal", causal) != lay.causal:
+        raise ValueError(f"causal ({causal}) differs from the plan's ({lay.causal}); leave it "
+                         "out with a plan")
+    if (lay.q_len, lay.k_len) != (shape.q_len, shape.k_len):
+        raise ValueError(f"the plan is for q_len={lay.q_len}, k_len={lay.k_len}, the inputs "
+                         f"have {shape.q_len}, {shape.k_len}")
+    if plan.device != shape.device:
+        raise ValueError(f"the plan is on {plan.device} but q is on {shape.device}; they must "
+                         "match")
+    if plan.batch not in (1, shape.batch) or shape.q_heads % plan.heads:
+        raise ValueError(f"a plan for batch {plan.batch}, {plan.heads} heads cannot serve "
+                         f"batch {shape.batch}, {shape.q_heads} query heads")
+    return plan.expand(shape.batch, shape.q_heads)
 
 
 def check_block_grid(name: str, x: torch.Tensor, q_len: int, k_len: int, block_size: int) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ._backend import resolve_backend
 from ._validation import (
+    as_bhsd,
     check_backend,
     check_block_params,
     check_bool,
@@ -23,7 +24,7 @@ from ._validation import (
     check_qkv,
     check_scale,
 )
-from .block_layout import num_blocks
+from .block_layout import BlockLayout, num_blocks
 from .fp8 import dequantize, quantize_per_head
 
 # Elements of the per-chunk logits in the PyTorch path (float32: 4 bytes each, 64 MiB).
@@ -39,6 +40,7 @@ def estimate_block_scores(
     scale: float | None = None,
     backend: str = "auto",
     estimate_dtype: torch.dtype | None = None,
+    layout: str = "bhsd",
 ) -> torch.Tensor:
     """Estimate how much attention mass each (query block, key block) pair holds.
 
@@ -55,6 +57,8 @@ def estimate_block_scores(
             (batch, head) (``xattention.fp8``), which runs the Triton kernel at FP8's matrix rate
             on sm89+ GPUs. Opt-in: it changes which blocks are kept on some rows
             (benchmarks/results/fp8_fidelity.md measures how many, on real models).
+        layout: ``"bhsd"`` (default) or ``"bshd"`` (FlashAttention's ``[B, L, H, D]``, read in
+            place through strides). The scores are ``[B, Hq, nQB, nKB]`` either way.
 
     Returns:
         float32 ``[B, Hq, ceil(Lq/Bs), ceil(Lk/Bs)]``; each row sums to 1.
@@ -73,18 +77,32 @@ def estimate_block_scores(
         >>> scores.shape, bool(torch.allclose(scores.sum(-1), torch.ones(1, 4, 5)))
         (torch.Size([1, 4, 5, 5]), True)
     """
-    shape = check_qkv(q, k)
+    q, k, bshd = as_bhsd(layout, q, k)
+    shape = check_qkv(q, k, layout="bshd" if bshd else "bhsd")
     stride, block_size = check_block_params(stride, block_size)
     scale = check_scale(scale, shape.head_dim)
     causal = check_bool("causal", causal)
     backend = check_backend(backend)
     estimate_dtype = check_estimate_dtype(estimate_dtype)
+    if shape.batch == 0:
+        grid = BlockLayout(shape.q_len, shape.k_len, block_size, causal).grid_shape(
+            0, shape.q_heads)
+        return q.new_empty(grid, dtype=torch.float32)
     return _estimate(q, k, stride, block_size, causal, scale, backend, estimate_dtype)
 
 
 def _estimate(q, k, stride, block_size, causal, scale, backend, estimate_dtype=None
               ) -> torch.Tensor:
     """Dispatch on validated input (shared with ``xattention``)."""
+    return _estimate_with_flags(q, k, None, stride, block_size, causal, scale, backend,
+                                estimate_dtype)[0]
+
+
+def _estimate_with_flags(q, k, v, stride, block_size, causal, scale, backend,
+                         estimate_dtype=None):
+    """``(scores, flags)``: with ``v`` given and the Triton kernel serving, ``flags`` are the
+    selection's non-finite block flags written by the same launch; None otherwise (selection
+    then derives them from the inputs)."""
     from .kernels import estimate_unsupported_reason
 
     reason = estimate_unsupported_reason(q, k, stride, block_size, estimate_dtype)
@@ -92,13 +110,14 @@ def _estimate(q, k, stride, block_size, causal, scale, backend, estimate_dtype=N
     if chosen == "triton":
         from .kernels.estimate import estimate_block_scores_triton
 
-        return estimate_block_scores_triton(q, k, stride, block_size, causal, scale,
-                                            estimate_dtype)
+        res = estimate_block_scores_triton(q, k, stride, block_size, causal, scale,
+                                           estimate_dtype, v=v)
+        return res if v is not None else (res, None)
     if estimate_dtype is not None:  # the reference of the FP8 mode: the same rounded operands
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = dequantize(*quantize_per_head(q), work)
         k = dequantize(*quantize_per_head(k, center=True), work)  # xattention.fp8: why centred
-    return estimate_block_scores_torch(q, k, stride, block_size, causal, scale)
+    return estimate_block_scores_torch(q, k, stride, block_size, causal, scale), None
 
 
 def strided_queries(q: torch.Tensor, stride: int, dtype: torch.dtype) -> torch.Tensor:

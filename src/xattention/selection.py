@@ -27,7 +27,8 @@ from ._validation import (
     check_scores,
     check_threshold,
 )
-from .block_layout import candidate_blocks, forced_blocks, num_blocks
+from .block_layout import BlockLayout, num_blocks
+from .plan import SparsePlan
 
 # Rows of the score matrix sorted at once; bounds the float64 working copy.
 _CHUNK_ELEMENTS = 1 << 24
@@ -75,11 +76,40 @@ def select_blocks(
     threshold = check_threshold(threshold, scores.shape[1], scores.device)
     causal = check_bool("causal", causal)
     backend = check_backend(backend)
-    candidate = candidate_blocks(q_len, k_len, block_size, causal, scores.device)
-    scores, infinite = _canonical_scores(scores, candidate)
-    mask = _select(scores, threshold, q_len, k_len, block_size, causal, backend)
+    return _select_user_scores(scores, threshold, BlockLayout(q_len, k_len, block_size, causal),
+                               backend)
+
+
+def select_plan(
+    scores: torch.Tensor,
+    threshold: float | torch.Tensor = 0.9,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    block_size: int = 128,
+    causal: bool = True,
+    backend: str = "auto",
+) -> SparsePlan:
+    """``select_blocks`` returning a :class:`~xattention.plan.SparsePlan` (what
+    ``block_sparse_attention`` reads directly) instead of a bool mask. Same arguments and rules.
+
+    Example:
+        >>> import torch
+        >>> from xattention import select_plan
+        >>> scores = torch.tensor([[[[1.0, 0.0], [0.1, 0.9]]]])
+        >>> plan = select_plan(scores, 0.5, q_len=256, k_len=256, block_size=128)
+        >>> plan.to_dense().int().tolist(), plan.density()
+        ([[[[1, 0], [1, 1]]]], 1.0)
+    """
+    mask = select_blocks(scores, threshold, q_len, k_len, block_size, causal, backend)
+    return SparsePlan.from_mask(mask, BlockLayout(q_len, k_len, block_size, causal))
+
+
+def _select_user_scores(scores, threshold, layout: BlockLayout, backend) -> torch.Tensor:
+    """The rules for scores that are not plain finite masses, around ``_select_plan``."""
+    scores, infinite = _canonical_scores(scores, layout.candidate(scores.device))
+    mask = _select_plan(scores, threshold, layout, backend).to_dense()
     mask |= infinite
-    if not causal:  # causal rows always hold their forced blocks
+    if not layout.causal:  # causal rows always hold their forced blocks
         _keep_top_of_empty_rows(mask, scores)
     return mask
 
@@ -87,36 +117,58 @@ def select_blocks(
 def _select(
     scores, threshold, q_len, k_len, block_size, causal, backend, inputs=None
 ) -> torch.Tensor:
-    """Selection on validated input (shared with ``xattention``).
+    """The bool mask of :func:`_select_plan` (tests and ``select_blocks``)."""
+    layout = BlockLayout(q_len, k_len, block_size, causal)
+    return _select_plan(scores, threshold, layout, backend, inputs=inputs).to_dense()
+
+
+def _select_plan(
+    scores: torch.Tensor,
+    threshold: float | torch.Tensor,
+    layout: BlockLayout,
+    backend: str,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    flags: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SparsePlan:
+    """Selection on validated input (shared with ``xattention``), as a plan.
 
     ``inputs``: the ``(q, k, v)`` the scores were estimated from, when known. Query blocks holding
     a non-finite q, and key blocks holding a non-finite k or v, are then kept wherever they are
     candidates, so the sparse stage sees every non-finite value dense attention would see.
+    ``flags``: those blocks as the estimate kernel found them (int8 ``[B, Hq, nQB]`` and
+    ``[B, Hkv, nKB]``); computed here from ``inputs`` when missing.
     """
     from .kernels import selection_unsupported_reason
 
     chosen = resolve_backend(
         backend, scores.device, selection_unsupported_reason(scores), "block selection"
     )
+    bs = layout.block_size
     if chosen == "triton":  # the kernel applies the rules below itself
-        from .kernels.selection import select_blocks_triton
+        from .kernels.selection import select_plan_triton
 
-        return select_blocks_triton(scores, threshold, q_len, k_len, block_size, causal, inputs)
-    mask = select_blocks_torch(scores, threshold, q_len, k_len, block_size, causal)
+        if flags is None and inputs is not None:
+            q, k, v = inputs
+            flags = (_nonfinite_blocks(q, bs).to(torch.int8),
+                     (_nonfinite_blocks(k, bs) | _nonfinite_blocks(v, bs)).to(torch.int8))
+        return select_plan_triton(scores, threshold, layout, flags)
+    mask = select_blocks_torch(scores, threshold, layout.q_len, layout.k_len, bs, layout.causal)
 
-    candidate = candidate_blocks(q_len, k_len, block_size, causal, scores.device)
+    candidate = layout.candidate(scores.device)
     # A row whose mass is unknown (a NaN or inf score: from non-finite q or k, or a NaN user
     # score) cannot be ranked; keeping all its candidates makes it dense, so it comes out NaN
     # exactly where dense attention would, instead of plausible numbers from the forced blocks.
     unknown = ~torch.isfinite(scores).all(-1)
-    if inputs is not None:
+    if flags is None and inputs is not None:
         q, k, v = inputs
-        unknown |= _nonfinite_blocks(q, block_size)
-        bad_keys = _nonfinite_blocks(k, block_size) | _nonfinite_blocks(v, block_size)
-        bad_keys = bad_keys.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        mask |= bad_keys.unsqueeze(-2) & candidate
+        flags = (_nonfinite_blocks(q, bs), _nonfinite_blocks(k, bs) | _nonfinite_blocks(v, bs))
+    if flags is not None:
+        row_bad, key_bad = (f.bool() for f in flags)
+        unknown |= row_bad
+        key_bad = key_bad.repeat_interleave(scores.shape[1] // key_bad.shape[1], dim=1)
+        mask |= key_bad.unsqueeze(-2) & candidate
     mask |= unknown.unsqueeze(-1) & candidate
-    return mask
+    return SparsePlan.from_mask(mask, layout)
 
 
 def _nonfinite_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -173,8 +225,8 @@ def select_blocks_torch(
     """
     b, h, nqb, nkb = scores.shape
     device = scores.device
-    candidate = candidate_blocks(q_len, k_len, block_size, causal, device)
-    forced = forced_blocks(q_len, k_len, block_size, causal, device)
+    layout = BlockLayout(q_len, k_len, block_size, causal)
+    candidate, forced = layout.candidate(device), layout.forced(device)
     if isinstance(threshold, torch.Tensor):
         thr = threshold.to(device=device, dtype=torch.float64).view(1, h, 1)
         keep_all = (threshold >= 1).to(device).view(1, h, 1, 1)

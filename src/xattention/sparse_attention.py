@@ -12,16 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import new_output, resolve_backend, warn_once
+from ._backend import new_output, resolve_backend, uses_fa4, warn_once
 from ._validation import (
+    as_bhsd,
     check_backend,
     check_block_mask,
     check_block_size,
     check_bool,
+    check_plan,
     check_qkv,
     check_scale,
+    from_bhsd,
 )
-from .block_layout import candidate_blocks, num_blocks
+from .block_layout import BlockLayout, num_blocks
+from .plan import SparsePlan
 
 # Elements held at once by one chunk of the PyTorch path: gathered K/V plus logits (64 MiB fp32).
 _CHUNK_ELEMENTS = 1 << 24
@@ -31,27 +35,36 @@ def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
-    block_size: int = 128,
-    causal: bool = True,
+    mask: torch.Tensor | SparsePlan,
+    block_size: int | None = None,
+    causal: bool | None = None,
     scale: float | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    layout: str = "bhsd",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention that computes only the (query block, key block) pairs ``mask`` keeps.
 
     Args:
-        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``Lq <= Lk``.
-        mask: bool ``[B, Hq, ceil(Lq/Bs), ceil(Lk/Bs)]``; batch and head dims may be 1 to broadcast.
-            Any mask works, not only one from ``select_blocks``.
-        block_size: block edge ``Bs`` the mask is expressed in.
-        causal: additionally hide keys after each query's absolute position.
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``Lq <= Lk``
+            (``[B, L, H, D]`` with ``layout="bshd"``).
+        mask: a bool block mask ``[B, Hq, ceil(Lq/Bs), ceil(Lk/Bs)]`` (batch and head dims may be
+            1 to broadcast; any mask works, not only one from ``select_blocks``), or a
+            :class:`~xattention.plan.SparsePlan` (from ``select_plan``, ``SparsePlan.from_mask``
+            or ``xattention(..., return_plan=True)``), which the kernels read as it is.
+        block_size: block edge ``Bs`` the mask is expressed in (default 128); a plan carries its
+            own, which this must match when given.
+        causal: additionally hide keys after each query's absolute position (default True); a
+            plan carries its own, which this must match when given.
         scale: softmax scale, ``1/sqrt(D)`` when None.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
-        return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log).
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log; in the
+            layout's order, ``[B, Lq, Hq]`` for ``"bshd"``).
+        layout: ``"bhsd"`` (default) or ``"bshd"`` (FlashAttention's ``[B, L, H, D]``, read in
+            place through strides).
 
     Returns:
-        ``[B, Hq, Lq, D]`` in the dtype of ``q`` (and the log-sum-exp when asked).
+        the output in q's layout and dtype (and the log-sum-exp when asked).
 
     The PyTorch path does work proportional to the kept blocks: per query block it gathers the
     kept key blocks and attends to them only. Its extra memory is float32 padded copies of q, k,
@@ -69,37 +82,58 @@ def block_sparse_attention(
         >>> bool(torch.allclose(out, ref, atol=1e-5))
         True
     """
-    shape = check_qkv(q, k, v)
-    block_size = check_block_size(block_size)
-    mask = check_block_mask(mask, shape, block_size)
+    q, k, v, bshd = as_bhsd(layout, q, k, v)
+    shape = check_qkv(q, k, v, layout="bshd" if bshd else "bhsd")
+    if isinstance(mask, SparsePlan):
+        plan = check_plan(mask, shape, block_size, causal)
+        block_size, causal = plan.layout.block_size, plan.layout.causal
+    else:
+        block_size = 128 if block_size is None else check_block_size(block_size)
+        causal = True if causal is None else check_bool("causal", causal)
+        plan = check_block_mask(mask, shape, block_size)
     scale = check_scale(scale, shape.head_dim)
-    causal = check_bool("causal", causal)
     return_lse = check_bool("return_lse", return_lse)
     backend = check_backend(backend)
-    return _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, return_lse)
+    if shape.batch == 0:
+        out = q.new_empty(q.shape[:3] + v.shape[3:])
+        res = (out, q.new_empty(q.shape[:3], dtype=torch.float32)) if return_lse else out
+    else:
+        res = _sparse_attention(q, k, v, plan, block_size, causal, scale, backend, return_lse)
+    return from_bhsd(res, bshd)
 
 
-def _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, return_lse):
-    """Dispatch on validated input (shared with ``xattention``)."""
+def _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, return_lse,
+                      out=None):
+    """Dispatch on validated input (shared with ``xattention``).
+
+    ``mask``: a bool ``[B, Hq, nQB, nKB]`` mask or a plan already ``[B, Hq, ...]``. ``out``: a
+    buffer the Triton kernel writes into (graph capture); other paths copy into it.
+    """
     from .kernels import sparse_attention_unsupported_reason
 
     chosen = resolve_backend(
         backend, q.device, sparse_attention_unsupported_reason(q, block_size), "sparse attention"
     )
-    if chosen == "triton" and backend == "auto" and q.is_cuda:
-        from .kernels.fa4 import block_sparse_attention_fa4, fa4_unsupported_reason
-
-        if fa4_unsupported_reason(q, k, block_size) is None:  # FA4 installed and able: faster
-            out, lse = block_sparse_attention_fa4(q, k, v, mask, block_size, causal, scale)
-            return (out, lse) if return_lse else out
+    layout = BlockLayout(q.shape[2], k.shape[2], block_size, causal)
     if chosen == "triton":
-        from .kernels.sparse_attention import block_sparse_attention_triton
+        plan = mask if isinstance(mask, SparsePlan) else SparsePlan.from_mask(mask, layout)
+        if uses_fa4(q, k, block_size, backend):
+            from .kernels.fa4 import block_sparse_attention_fa4
 
-        out, lse = block_sparse_attention_triton(q, k, v, mask, block_size, causal, scale)
+            res, lse = block_sparse_attention_fa4(q, k, v, plan, scale)
+            if out is not None:
+                res = out.copy_(res)
+        else:
+            from .kernels.sparse_attention import block_sparse_attention_triton
+
+            res, lse = block_sparse_attention_triton(q, k, v, plan, scale, out=out)
     else:
-        out, lse = block_sparse_attention_torch(q, k, v, mask, block_size, causal, scale,
+        dense = mask.to_dense() if isinstance(mask, SparsePlan) else mask
+        res, lse = block_sparse_attention_torch(q, k, v, dense, block_size, causal, scale,
                                                 need_lse=return_lse)
-    return (out, lse) if return_lse else out
+        if out is not None:
+            res = out.copy_(res)
+    return (res, lse) if return_lse else res
 
 
 def block_sparse_attention_torch(
@@ -132,7 +166,7 @@ def block_sparse_attention_torch(
     geo = _Geometry(lq, lk, bs, nqb, nkb, hq, hkv, causal)
 
     # Blocks with no visible key (causal: wholly in the future) contribute nothing: never compute.
-    keep = (mask.to(dev) & candidate_blocks(lq, lk, bs, causal, dev)).reshape(-1, nkb)
+    keep = (mask.to(dev) & BlockLayout(lq, lk, bs, causal).candidate(dev)).reshape(-1, nkb)
     counts = keep.sum(-1)
     # Flat block lists: index_select on one dim is much faster than advanced indexing.
     q_blocks = _as_blocks(q, bs, work, scale)  # [B*Hq*nQB, Bs, D], pre-scaled

@@ -1,10 +1,12 @@
 """Dense attention for inputs too short for the sparse pipeline to pay for itself.
 
-``xattention()`` runs an estimate, a selection and the sparse kernel: four launches and some Python
-whose fixed cost exceeds what sparsity saves on short inputs. Below a crossover measured on the
-H200 (benchmarks/NOTES.md, "short inputs") it runs dense attention instead, which is exact. The
-crossover is expressed in dense FLOPs (``2 * B * Hq * Lq * Lk * D``, halved when causal), since the
-fixed cost is per call while the savings grow with heads, batch and length alike.
+``xattention()`` runs an estimate, a selection and the sparse kernel: three launches and some
+Python whose fixed cost exceeds what sparsity saves on short inputs. Below a crossover measured
+on the H200 (benchmarks/NOTES.md, "short inputs") it runs dense attention instead, which is
+exact. The crossover is expressed in dense FLOPs (``4 * B * Hq * pairs * D``: two matrix
+products, two FLOPs per multiply-add, over the visible (query, key) pairs, about half of
+``Lq * Lk`` when causal), since the fixed cost is per call while the savings grow with heads,
+batch and length alike.
 """
 
 from __future__ import annotations
@@ -14,38 +16,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..block_layout import candidate_blocks
-
-# Dense FLOPs below which dense attention beat the whole xattention() call on the H200 (t=0.9,
-# benchmarks/results/xattention_crossover.md): at 32 heads, D=128 the sparse call lost at 4k
-# (1.4e11) and won at 8k (5.5e11, 1.2-2.4x); at 8 heads it lost at 8k and won at 16k: the same
-# FLOP counts. On other GPUs this is a lead; min_sparse_len overrides it per call.
-DENSE_FLOP_CROSSOVER = 4e11
-
+# The dense-switch policy (runs_dense, dense_flops, the crossover) lives in the backend module,
+# which owns every choice of implementation; re-exported here for existing imports.
+from .._backend import DENSE_FLOP_CROSSOVER, dense_flops, runs_dense  # noqa: E402,F401
+from ..block_layout import BlockLayout
 
 # SDPA grew enable_gqa in torch 2.5.
 _SDPA_TAKES_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
-
-def dense_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
-    b, hq, lq, d = q.shape
-    lk = k.shape[2]
-    pairs = lq * lk - (lq * (lq - 1) // 2 if causal else 0)
-    return 4.0 * b * hq * pairs * d
-
-
-def runs_dense(q: torch.Tensor, k: torch.Tensor, causal: bool, backend: str,
-               min_sparse_len: int | None) -> bool:
-    """Whether ``xattention()`` should skip the sparse pipeline for these inputs.
-
-    ``min_sparse_len`` None: automatic, only for ``backend="auto"`` on CUDA, by the FLOP
-    crossover; an int: dense when the key length is below it (0: always sparse).
-    """
-    if min_sparse_len is not None:
-        return k.shape[2] < min_sparse_len
-    if backend != "auto" or not q.is_cuda:
-        return False
-    return dense_flops(q, k, causal) < DENSE_FLOP_CROSSOVER
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -106,7 +83,7 @@ def _cudnn_first(previous: tuple[int, ...]) -> list[int]:
 @functools.lru_cache(maxsize=64)
 def _candidates(q_len: int, k_len: int, block_size: int, causal: bool,
                 device: torch.device) -> torch.Tensor:
-    return candidate_blocks(q_len, k_len, block_size, causal, device)
+    return BlockLayout(q_len, k_len, block_size, causal).candidate(device)
 
 
 def dense_block_mask(batch: int, heads: int, q_len: int, k_len: int, block_size: int,

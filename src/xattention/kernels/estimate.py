@@ -30,10 +30,10 @@ import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
+from ._common import LOG2E, len_bucket, padded_head_dim
 from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 from .quantize import quantize_per_head_triton
 
-_LOG2E = 1.4426950408889634
 # Scratch for partial block sums of one launch, in bytes.
 _SCRATCH_BYTES = 512 << 20
 
@@ -164,17 +164,18 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _antidiagonal_estimate_fwd(
-    Q, K, Scores, Partial, TileMax, QScale, KScale,
+    Q, K, V, Scores, Partial, TileMax, QScale, KScale, RowBad, KeyBad,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_sb, stride_sh, stride_si,
+    stride_vb, stride_vh, stride_vn,
     len_bucket, rows_bucket, row_groups, q_heads, kv_heads, q_len, k_len,
     num_q_groups, num_k_groups, num_q_blocks, num_k_blocks,
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr, FLAGS: tl.constexpr,
+    KEY_ROWS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_TILE * ROWS
     NB_T: tl.constexpr = BLOCK_N // GPB  # key blocks per key tile
@@ -217,6 +218,50 @@ def _antidiagonal_estimate_fwd(
                      * qk_scale)
     else:
         row_scale = tl.full([BLOCK_M], qk_scale, dtype=tl.float32)
+
+    if FLAGS:
+        # The selection's non-finite flags (docs/design.md §4), written here so that they cost no
+        # launch of their own: this program's query blocks, from the q rows it reads anyway, and
+        # a share of the key blocks of its KV head (K and V), spread over the first chunk's
+        # programs of the head tile 0.
+        q_bad = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for e in range(0, STRIDE * ND):
+            t = e // ND
+            d = (e % ND) * BLOCK_D + offs_d
+            q_rows = a * STRIDE + (STRIDE - 1 - t)
+            qv = tl.load(q_row_base[:, None] + q_rows[:, None] * stride_qm + d[None, :],
+                         mask=(q_rows < q_len)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+            qv = qv.to(tl.float32)
+            q_bad = tl.maximum(q_bad, tl.max(((qv - qv) != 0).to(tl.int32), 1))  # NaN, +-inf
+        QB_F: tl.constexpr = BLOCK_M // GPB
+        fb = tl.arange(0, QB_F)
+        f_qb = (chunk_a0 + pid_r * ROWS + (fb * GPB) % ROWS) // GPB
+        f_head = h0 + (fb * GPB) // ROWS
+        f_bad = tl.max(tl.reshape(q_bad, (QB_F, GPB)), 1)
+        tl.store(RowBad + (b * q_heads + f_head) * num_q_blocks + f_qb, f_bad.to(tl.int8),
+                 mask=f_qb < num_q_blocks)
+        if chunk_a0 == 0:
+            scan_keys = pid_h % head_tiles == 0
+        else:
+            scan_keys = pid_h < 0
+        if scan_keys:
+            KB_ROWS: tl.constexpr = KEY_ROWS
+            kr = tl.arange(0, KB_ROWS)
+            v_base = V + b * stride_vb + hk * stride_vh
+            for kb in range(tl.program_id(0), num_k_blocks, tiles_per_chunk):
+                kv_bad = tl.zeros([KB_ROWS], dtype=tl.int32)
+                for e in range(0, (GPB * STRIDE // KB_ROWS) * ND):
+                    rows_k = kb * (GPB * STRIDE) + (e // ND) * KB_ROWS + kr
+                    d = (e % ND) * BLOCK_D + offs_d
+                    ok = (rows_k < k_len)[:, None] & (d < HEAD_DIM)[None, :]
+                    kx = tl.load(k_base + rows_k[:, None] * stride_kn + d[None, :], mask=ok,
+                                 other=0.0).to(tl.float32)
+                    vx = tl.load(v_base + rows_k[:, None] * stride_vn + d[None, :], mask=ok,
+                                 other=0.0).to(tl.float32)
+                    bad = ((kx - kx) != 0) | ((vx - vx) != 0)
+                    kv_bad = tl.maximum(kv_bad, tl.max(bad.to(tl.int32), 1))
+                tl.store(KeyBad + (b * kv_heads + hk) * num_k_blocks + kb,
+                         tl.max(kv_bad, 0).to(tl.int8))
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -279,12 +324,6 @@ def _antidiagonal_estimate_fwd(
         tl.store(out_ptrs + kb[None, :], score, mask=out_ok & (kb < num_k_blocks)[None, :])
 
 
-def padded_head_dim(head_dim: int, elem: int) -> int:
-    """The head_dim the kernel tiles over (``D_PAD``): a power of two, at least 16, or 32 for
-    1-byte (FP8) operands, whose matrix products reduce over at least 32 elements."""
-    return max(16 if elem > 1 else 32, triton.next_power_of_2(head_dim))
-
-
 def _head_tile(group: int) -> int:
     """Query heads per program: the largest power of two dividing the GQA group, at most 8."""
     tile = 1
@@ -295,8 +334,11 @@ def _head_tile(group: int) -> int:
 
 def estimate_block_scores_triton(
     q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool, scale: float,
-    estimate_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    estimate_dtype: torch.dtype | None = None, v: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The block scores; with ``v``, also the selection's non-finite flags: int8 ``[B, Hq, nQB]``
+    (query blocks holding a NaN or inf q) and ``[B, Hkv, nKB]`` (key blocks holding one in k or
+    v), written by the same launch."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     scores = new_output((b, hq, num_blocks(lq, block_size), num_blocks(lk, block_size)),
@@ -329,7 +371,13 @@ def estimate_block_scores_triton(
                           device=q.device)
     tile_max = torch.empty(b * hq * chunk_rows * tile_max_row_len, dtype=torch.float32,
                            device=q.device)
-    len_bucket = int(math.log2(max(lk, 1024)))
+    flags = v is not None
+    if flags:
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        row_bad = new_output((b, hq, nqb), torch.int8, q.device)
+        key_bad = new_output((b, hkv, nkb), torch.int8, q.device)
+    else:
+        v, row_bad, key_bad = k, scores, scores  # placeholders, unread
     head_tiles = b * hkv * ((hq // hkv) // g_tile)
 
     for a0 in range(0, nqg, chunk_rows):
@@ -340,15 +388,18 @@ def estimate_block_scores_triton(
             return (triton.cdiv(rows_here, meta["ROWS"]), b * hkv * ((hq // hkv) // g_tile))
 
         _antidiagonal_estimate_fwd[grid](
-            q, k, scores, partial, tile_max,
+            q, k, v, scores, partial, tile_max,
             scores if q_scale is None else q_scale, scores if k_scale is None else k_scale,
+            row_bad, key_bad,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             scores.stride(0), scores.stride(1), scores.stride(2),
-            len_bucket, int(math.log2(row_groups)), row_groups, hq, hkv, lq, lk, nqg, nkg, nqb,
+            v.stride(0), v.stride(1), v.stride(2),
+            len_bucket(lk), int(math.log2(row_groups)), row_groups, hq, hkv, lq, lk, nqg, nkg, nqb,
             nkb,
-            a0, chunk_rows, partial_row_len, tile_max_row_len, scale * _LOG2E / stride,
+            a0, chunk_rows, partial_row_len, tile_max_row_len, scale * LOG2E / stride,
             HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
             CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32, SCALED=q_scale is not None,
+            FLAGS=flags, KEY_ROWS=min(16, block_size & -block_size),
         )
-    return scores
+    return (scores, (row_bad, key_bad)) if flags else scores

@@ -6,11 +6,14 @@ keeps. Instead of scattering the decision back through the sort permutation, it 
 blocks whose sort key is at least the last kept key: sort keys embed the block index, so they are
 unique and the comparison is exact.
 
+The kernel writes the :class:`~xattention.plan.SparsePlan` directly (counts and ascending indices,
+split into fully visible and partial blocks), so no bool mask is stored and read back to compact.
+
 Inside ``xattention()`` the kernel also applies the non-finite rules (docs/design.md §4) itself: a
 row whose scores hold a NaN or inf, or whose query block holds a non-finite q, keeps every
 candidate, and key blocks holding a non-finite k or v are kept wherever they are candidates. The
-flags come from one pass over q and one over k and v (``_nonfinite_blocks_kernel``), so a call
-costs three launches and no host sync, where the same rules in PyTorch took two dozen small ones.
+flags come from the estimate kernel, which reads q, k (and v, for the flags) anyway, so a sparse
+call is three launches (estimate, selection, attention) and no host sync.
 """
 
 from __future__ import annotations
@@ -21,43 +24,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import new_output
+from ..block_layout import BlockLayout
+from ..plan import SparsePlan
+from ._common import (
+    block_is_candidate,
+    block_is_forced,
+    block_is_fully_visible,
+    row_pad,
+    row_warps,
+)
 
 
 @triton.jit
-def _nonfinite_blocks_kernel(
-    X, Y, Out,
-    stride_b, stride_h, stride_l, num_heads, length, num_blocks,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr,
-    HAS_Y: tl.constexpr,
-):
-    """``Out[b, h, blk]`` = 1 where rows ``blk*Bs ...`` of ``X`` (or of ``Y``, same layout) hold a
-    NaN or an inf, else 0; one program per (block, batch x head)."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    base = (bh // num_heads) * stride_b + (bh % num_heads) * stride_h
-    d = tl.arange(0, D_PAD)
-    bad = tl.zeros([ROWS, D_PAD], dtype=tl.int8)
-    for r0 in range(0, BLOCK_SIZE, ROWS):
-        rows = blk * BLOCK_SIZE + r0 + tl.arange(0, ROWS)
-        ok = (rows < length)[:, None] & (d < HEAD_DIM)[None, :]
-        offs = base + rows[:, None] * stride_l + d[None, :]
-        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-        bad = tl.maximum(bad, ((x - x) != 0).to(tl.int8))  # x - x: NaN for NaN and +-inf
-        if HAS_Y:
-            y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
-            bad = tl.maximum(bad, ((y - y) != 0).to(tl.int8))
-    tl.store(Out + bh * num_blocks + blk, tl.max(tl.max(bad, 1), 0))
-
-
-@triton.jit
-def _select_blocks_kernel(
-    Scores, Threshold, Mask, RowBad, KeyBad,
+def _select_plan_kernel(
+    Scores, Threshold, FullCount, FullIndex, PartialCount, PartialIndex, RowBad, KeyBad,
     stride_sb, stride_sh, stride_si,
-    stride_mb, stride_mh, stride_mi,
     num_heads, group, num_q_blocks, num_k_blocks, q_len, k_len,
     BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, NKB_PAD: tl.constexpr,
-    HAS_FLAGS: tl.constexpr,
+    MAX_PARTIAL: tl.constexpr, HAS_FLAGS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i = pid % num_q_blocks
@@ -70,15 +54,8 @@ def _select_blocks_kernel(
                 other=0.0).to(tl.float64)
     threshold = tl.load(Threshold + h)
 
-    if CAUSAL:
-        offset = k_len - q_len
-        p_first = offset + i * BLOCK_SIZE
-        p_last = offset + tl.minimum((i + 1) * BLOCK_SIZE, q_len) - 1
-        candidate = in_row & (j * BLOCK_SIZE <= p_last)
-        forced = in_row & ((j == 0) | ((j >= p_first // BLOCK_SIZE) & (j <= p_last // BLOCK_SIZE)))
-    else:
-        candidate = in_row
-        forced = j < 0
+    candidate = in_row & block_is_candidate(j, i, q_len, k_len, BLOCK_SIZE, CAUSAL)
+    forced = in_row & block_is_forced(j, i, q_len, k_len, BLOCK_SIZE, CAUSAL)
     optional = candidate & ~forced
     total = tl.sum(s, 0)
     forced_mass = tl.sum(tl.where(forced, s, 0.0), 0)
@@ -111,30 +88,25 @@ def _select_blocks_kernel(
         bad_key = tl.load(KeyBad + kv_head * num_k_blocks + j, mask=in_row, other=0) != 0
         keep = keep | (candidate & bad_key)
     keep = tl.where(unknown, candidate, keep)
-    tl.store(Mask + b * stride_mb + h * stride_mh + i * stride_mi + j, keep.to(tl.int8),
-             mask=in_row)
 
-
-def nonfinite_blocks_triton(x: torch.Tensor, block_size: int,
-                            y: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 ``[B, H, ceil(L/Bs)]``: 1 where a block of ``x`` (or of ``y``, same shape) holds a
-    NaN or an inf."""
-    b, h, length, d = x.shape
-    if x.stride(-1) != 1 or (y is not None and y.stride() != x.stride()):
-        x = x.contiguous()
-        y = None if y is None else y.contiguous()
-    n = -(-length // block_size)
-    out = new_output((b, h, n), torch.int8, x.device)
-    d_pad = triton.next_power_of_2(d)
-    # Row chunks: a power of two (a Triton tile) that divides the block, at most 8192 elements.
-    rows = block_size & -block_size
-    while rows * d_pad > 8192:
-        rows //= 2
-    _nonfinite_blocks_kernel[(n, b * h)](
-        x, x if y is None else y, out, x.stride(0), x.stride(1), x.stride(2), h, length, n,
-        HEAD_DIM=d, BLOCK_SIZE=block_size, ROWS=rows, D_PAD=d_pad, HAS_Y=y is not None,
-    )
-    return out
+    # The plan, written straight from the decision: kept blocks split into fully visible ones
+    # (no element mask in the attention kernels) and the rest, each list ascending. pid is the
+    # row's index in the contiguous [B, H, nQB] counts. Unused slots get block 0 (FA4 loads
+    # them); their addresses differ from the kept slots', so the two stores never race.
+    visible = block_is_fully_visible(j, i, q_len, k_len, BLOCK_SIZE, CAUSAL)
+    full = (keep & visible).to(tl.int32)
+    part = (keep & ~visible).to(tl.int32)
+    n_full = tl.sum(full, 0)
+    n_part = tl.sum(part, 0)
+    full_row = FullIndex + pid.to(tl.int64) * num_k_blocks
+    tl.store(full_row + tl.cumsum(full, 0) - full, j, mask=full != 0)
+    tl.store(full_row + j, tl.zeros_like(j), mask=in_row & (j >= n_full))
+    part_row = PartialIndex + pid.to(tl.int64) * MAX_PARTIAL
+    tl.store(part_row + tl.cumsum(part, 0) - part, j, mask=part != 0)
+    slot = tl.arange(0, 2)
+    tl.store(part_row + slot, tl.zeros_like(slot), mask=(slot < MAX_PARTIAL) & (slot >= n_part))
+    tl.store(FullCount + pid, n_full)
+    tl.store(PartialCount + pid, n_part)
 
 
 @functools.lru_cache(maxsize=64)
@@ -143,17 +115,15 @@ def _threshold_vector(value: float, heads: int, device: torch.device) -> torch.T
     return torch.full((heads,), value, dtype=torch.float64, device=device)
 
 
-def select_blocks_triton(
+def select_plan_triton(
     scores: torch.Tensor,
     threshold: float | torch.Tensor,
-    q_len: int,
-    k_len: int,
-    block_size: int,
-    causal: bool,
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The mask, with the non-finite rules applied (from the scores, and from ``inputs``, the
-    ``(q, k, v)`` the scores came from, when given)."""
+    layout: BlockLayout,
+    flags: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SparsePlan:
+    """The plan, with the non-finite rules applied (from the scores, and from ``flags``: the
+    int8 ``(query blocks [B, Hq, nQB], key blocks [B, Hkv, nKB])`` holding a non-finite q, or k or
+    v, that the estimate kernel writes, when given)."""
     b, h, nqb, nkb = scores.shape
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
@@ -161,22 +131,20 @@ def select_blocks_triton(
         thr = threshold.to(device=scores.device, dtype=torch.float64).contiguous()
     else:
         thr = _threshold_vector(float(threshold), h, scores.device)
-    mask = new_output((b, h, nqb, nkb), torch.int8, scores.device)
-    row_bad = key_bad = mask  # placeholders, unread without inputs
+    plan = SparsePlan.empty(layout, b, h, scores.device)
+    row_bad = key_bad = plan.full_count  # placeholders, unread without flags
     group = 1
-    if inputs is not None:
-        q, k, v = inputs
-        group = q.shape[1] // k.shape[1]
-        row_bad = nonfinite_blocks_triton(q, block_size)
-        key_bad = nonfinite_blocks_triton(k, block_size, v)
-    nkb_pad = max(16, triton.next_power_of_2(nkb))
-    warps = 4 if nkb_pad <= 1024 else 8
-    _select_blocks_kernel[(b * h * nqb,)](
-        scores, thr, mask, row_bad, key_bad,
+    if flags is not None:
+        row_bad, key_bad = flags
+        group = h // key_bad.shape[1]
+    width = row_pad(nkb)
+    _select_plan_kernel[(b * h * nqb,)](
+        scores, thr, plan.full_count, plan.full_index, plan.partial_count, plan.partial_index,
+        row_bad, key_bad,
         scores.stride(0), scores.stride(1), scores.stride(2),
-        mask.stride(0), mask.stride(1), mask.stride(2),
-        h, group, nqb, nkb, q_len, k_len,
-        BLOCK_SIZE=block_size, CAUSAL=bool(causal), NKB_PAD=nkb_pad,
-        HAS_FLAGS=inputs is not None, num_warps=warps,
+        h, group, nqb, nkb, layout.q_len, layout.k_len,
+        BLOCK_SIZE=layout.block_size, CAUSAL=bool(layout.causal), NKB_PAD=width,
+        MAX_PARTIAL=layout.max_partial_blocks, HAS_FLAGS=flags is not None,
+        num_warps=row_warps(width),
     )
-    return mask.view(torch.bool)
+    return plan

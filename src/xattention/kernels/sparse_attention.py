@@ -1,11 +1,12 @@
 """Block-sparse FlashAttention forward in Triton, and its launcher.
 
 One program computes ``BLOCK_M`` query rows of one (batch, query head) and visits only the key
-blocks its query block keeps, from a compact ascending index list built once from the block mask.
-The list is split in two phases: blocks wholly visible to every row of the query block (no element
-masks at all) and the rest (diagonal band, ragged key tail) with element masks, so the hot loop
-carries no masking arithmetic. Online softmax runs in base 2 with the scale folded into one
-multiply.
+blocks its query block keeps, read from a :class:`~xattention.plan.SparsePlan`: first the *full*
+list (blocks wholly visible to every row of the query block: no element masks at all), then the
+*partial* list (diagonal band, ragged key tail) with element masks, so the hot loop carries no
+masking arithmetic. Both phases run one inner-loop function, ``_attend_blocks``, specialised by
+its ``STAGE`` argument (as the Triton fused-attention tutorial does). Online softmax runs in base
+2 with the scale folded into one multiply.
 
 Programs are launched heaviest-first (last query blocks hold the most keys under a causal mask)
 so the tail of the grid is short work rather than one straggler.
@@ -21,11 +22,9 @@ import triton
 import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
-from ..block_layout import num_blocks
+from ..plan import SparsePlan
+from ._common import LN2, LOG2E, len_bucket, padded_head_dim
 from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
-
-_LOG2E = 1.4426950408889634
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 def _gpu_configs() -> list[triton.Config]:
@@ -63,7 +62,7 @@ def kept_configs(configs: list[triton.Config], block_size: int, head_dim: int, t
 
     ``elem``: operand bytes; ``smem``: the per-program shared memory limit.
     """
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = padded_head_dim(head_dim)
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -103,13 +102,15 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _block_sparse_attention_fwd(
-    Q, K, V, Out, Lse, KvIndex, KvCount, KvFull,
+    Q, K, V, Out, Lse, FullCount, FullIndex, PartialCount, PartialIndex,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    stride_ib, stride_ih, stride_im,
-    len_bucket, batch, num_heads, group_size, q_len, k_len, num_q_blocks, qk_scale,
+    stride_cb, stride_ch,
+    stride_fb, stride_fh, stride_fm,
+    stride_pb, stride_ph, stride_pm,
+    len_bucket, batch, num_heads, group_size, q_len, k_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, TMA_OK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
@@ -146,52 +147,25 @@ def _block_sparse_attention_fwd(
         v_desc = V
     row_pos = offs_m + (k_len - q_len)  # absolute position of each query row
 
-    row = (b * num_heads + h) * num_q_blocks + q_block  # count/full are [B, H, nQB] contiguous
-    count = tl.load(KvCount + row)
-    n_full = tl.load(KvFull + row)
-    idx_base = KvIndex + b * stride_ib + h * stride_ih + q_block * stride_im
+    count_off = b * stride_cb + h * stride_ch + q_block  # counts share strides, last one 1
+    n_full = tl.load(FullCount + count_off)
+    n_part = tl.load(PartialCount + count_off)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-
-    # Phase 1: key tiles every row of this query block sees in full.
-    for u in range(0, n_full * SUB):
-        j = tl.load(idx_base + u // SUB)
-        n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
-        qk = _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
-                     False, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d,
-                                                      d_ok, k_len, stride_vn, False, USE_TMA,
-                                                      IS_FP32, BLOCK_N, D_PAD)
-        m_i = m_new
-
-    # Phase 2: diagonal band and ragged tail, with element masks.
-    for u in range(n_full * SUB, count * SUB):
-        j = tl.load(idx_base + u // SUB)
-        n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
-        qk = _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
-                     True, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
-        cols = n0 + offs_n
-        visible = (cols < k_len)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= row_pos[:, None])
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen nothing yet keeps m = -inf; shift by 0 instead to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d,
-                                                      d_ok, k_len, stride_vn, True, USE_TMA,
-                                                      IS_FP32, BLOCK_N, D_PAD)
-        m_i = m_new
+    # Phase 1: key blocks every row of this query block sees in full. Phase 2: diagonal band and
+    # ragged tail, with element masks.
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base,
+        FullIndex + b * stride_fb + h * stride_fh + q_block * stride_fm, n_full,
+        b, hk, row_pos, offs_n, offs_d, d_ok, k_len, stride_kn, stride_vn, qk_scale,
+        1, CAUSAL, USE_TMA, IS_FP32, BLOCK_SIZE, BLOCK_N, D_PAD)
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base,
+        PartialIndex + b * stride_pb + h * stride_ph + q_block * stride_pm, n_part,
+        b, hk, row_pos, offs_n, offs_d, d_ok, k_len, stride_kn, stride_vn, qk_scale,
+        2, CAUSAL, USE_TMA, IS_FP32, BLOCK_SIZE, BLOCK_N, D_PAD)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -199,6 +173,47 @@ def _block_sparse_attention_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < q_len) & d_ok[None, :])
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(Lse + (b * num_heads + h) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, idx_base, n_blocks,
+                   b, hk, row_pos, offs_n, offs_d, d_ok, k_len, stride_kn, stride_vn, qk_scale,
+                   STAGE: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
+                   IS_FP32: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D_PAD: tl.constexpr):
+    """Online softmax over the ``n_blocks`` key blocks listed at ``idx_base``.
+
+    ``STAGE`` 1: blocks wholly visible (no element mask, no -inf guard). ``STAGE`` 2: blocks that
+    need the key-length bound and, causal, the causal mask.
+    """
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    MASKED: tl.constexpr = STAGE == 2
+    for u in range(0, n_blocks * SUB):
+        j = tl.load(idx_base + u // SUB)
+        n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
+        qk = _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
+                     MASKED, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
+        if MASKED:
+            cols = n0 + offs_n
+            visible = (cols < k_len)[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= row_pos[:, None])
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen nothing yet keeps m = -inf; shift by 0 instead of inf - inf.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d,
+                                                      d_ok, k_len, stride_vn, MASKED, USE_TMA,
+                                                      IS_FP32, BLOCK_N, D_PAD)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -235,85 +250,6 @@ def _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, 
     if IS_FP32:
         return tl.dot(p, v, input_precision="ieee")
     return tl.dot(p.to(v.dtype), v)
-
-
-@triton.jit
-def _compact_block_index_kernel(
-    Mask, Index, Count, Full,
-    stride_mb, stride_mh, stride_mi,
-    num_heads, num_q_blocks, num_k_blocks, q_len, k_len,
-    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, NKB_PAD: tl.constexpr,
-):
-    pid = tl.program_id(0)  # one (batch, head, query block) row
-    i = pid % num_q_blocks
-    h = (pid // num_q_blocks) % num_heads
-    b = pid // (num_q_blocks * num_heads)
-    j = tl.arange(0, NKB_PAD)
-    in_row = j < num_k_blocks
-    keep = tl.load(Mask + b * stride_mb + h * stride_mh + i * stride_mi + j, mask=in_row,
-                   other=0) != 0
-    keep_i = keep.to(tl.int32)
-    slot = tl.cumsum(keep_i, 0) - keep_i  # ascending position among the kept blocks
-    tl.store(Index + pid * num_k_blocks + slot, j, mask=keep)
-    safe = (j + 1) * BLOCK_SIZE <= k_len
-    if CAUSAL:
-        safe = safe & ((j + 1) * BLOCK_SIZE - 1 <= k_len - q_len + i * BLOCK_SIZE)
-    tl.store(Count + pid, tl.sum(keep_i, 0))
-    tl.store(Full + pid, tl.sum((keep & safe).to(tl.int32), 0))
-
-
-def build_block_index(
-    mask: torch.Tensor, q_len: int, k_len: int, block_size: int, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact per-row lists of kept key blocks, ascending, for the kernel (one Triton program
-    per row; ``build_block_index_torch`` is the same in PyTorch).
-
-    Returns ``(index int32 [B,H,nQB,nKB], count int32 [B,H,nQB], full int32 [B,H,nQB])``: the first
-    ``count`` entries of each index row are the kept key blocks in ascending order, and the first
-    ``full`` of those need no element mask. Entries past ``count`` are never read.
-    """
-    b, h, nqb, nkb = mask.shape
-    index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=mask.device)
-    count = torch.empty(b, h, nqb, dtype=torch.int32, device=mask.device)
-    full = torch.empty(b, h, nqb, dtype=torch.int32, device=mask.device)
-    as_bytes = mask.view(torch.int8) if mask.dtype == torch.bool else mask
-    if as_bytes.stride(-1) != 1:
-        as_bytes = as_bytes.contiguous()
-    nkb_pad = max(16, triton.next_power_of_2(nkb))
-    _compact_block_index_kernel[(b * h * nqb,)](
-        as_bytes, index, count, full,
-        as_bytes.stride(0), as_bytes.stride(1), as_bytes.stride(2),
-        h, nqb, nkb, q_len, k_len,
-        BLOCK_SIZE=block_size, CAUSAL=bool(causal), NKB_PAD=nkb_pad,
-        num_warps=4 if nkb_pad <= 2048 else 8,
-    )
-    return index, count, full
-
-
-def build_block_index_torch(
-    mask: torch.Tensor, q_len: int, k_len: int, block_size: int, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact per-row lists of kept key blocks, ascending, for the kernel.
-
-    Returns ``(index int32 [B,H,nQB,nKB], count int32 [B,H,nQB], full int32 [B,H,nQB])``: the first
-    ``count`` entries of each index row are the kept key blocks in ascending order, and the first
-    ``full`` of those need no element mask (every key is visible to every row of the query block).
-    Because the list is ascending and "needs no mask" holds for all blocks below a bound, the
-    unmasked blocks are a prefix.
-    """
-    nqb, nkb = mask.shape[-2], mask.shape[-1]
-    keys = (~mask).to(torch.int8)
-    index = torch.sort(keys, dim=-1, stable=True).indices.to(torch.int32)
-    count = mask.sum(-1, dtype=torch.int32)
-    # Key block j is free of element masks for query block i when it lies wholly inside the
-    # keys (no ragged tail) and, if causal, wholly at or before the block's first row position.
-    j_end = (torch.arange(nkb, device=mask.device) + 1) * block_size  # one past the last key
-    safe = (j_end <= k_len)[None, :].expand(nqb, nkb)
-    if causal:
-        first_pos = torch.arange(nqb, device=mask.device) * block_size + (k_len - q_len)
-        safe = safe & (j_end[None, :] - 1 <= first_pos[:, None])
-    full = (mask & safe).sum(-1, dtype=torch.int32)
-    return index.contiguous(), count.contiguous(), full.contiguous()
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -353,36 +289,42 @@ def block_sparse_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor,
-    block_size: int,
-    causal: bool,
+    plan: SparsePlan,
     scale: float,
-    block_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel; ``mask`` is ``[B, Hq, nQB, nKB]`` (expanded views are fine)."""
+    """Launch the kernel on ``plan`` (already ``[B, Hq, ...]``; expanded views are fine).
+
+    ``out``/``lse``: buffers to write into (a captured graph's outputs), else new ones.
+    """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    layout = plan.layout
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if block_index is None:
-        block_index = build_block_index(mask, lq, lk, block_size, bool(causal))
-    index, count, full = block_index
-    out = new_output(q.shape, q.dtype, q.device)
-    lse = new_output((b, hq, lq), torch.float32, q.device)
-    d_pad = max(16, triton.next_power_of_2(d))
-    len_bucket = int(math.log2(max(lk, 1024)))
+    if plan.full_count.stride() != plan.partial_count.stride() or any(
+            t.stride(-1) != 1 for t in (plan.full_count, plan.full_index, plan.partial_index)):
+        plan = plan.contiguous()
+    if out is None:
+        out = new_output(q.shape, q.dtype, q.device)
+    if lse is None:
+        lse = new_output((b, hq, lq), torch.float32, q.device)
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
 
+    fc, fi, pi = plan.full_count, plan.full_index, plan.partial_index
     _block_sparse_attention_fwd[grid](
-        q, k, v, out, lse, index, count, full,
+        q, k, v, out, lse, fc, fi, plan.partial_count, pi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        index.stride(0), index.stride(1), index.stride(2),
-        len_bucket, b, hq, hq // hkv, lq, lk, num_blocks(lq, block_size), scale * _LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=block_size, CAUSAL=bool(causal),
-        IS_FP32=q.dtype == torch.float32, TMA_OK=_tma_ok(k, v),
+        fc.stride(0), fc.stride(1),
+        fi.stride(0), fi.stride(1), fi.stride(2),
+        pi.stride(0), pi.stride(1), pi.stride(2),
+        len_bucket(lk), b, hq, hq // hkv, lq, lk, scale * LOG2E,
+        HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK_SIZE=layout.block_size,
+        CAUSAL=bool(layout.causal), IS_FP32=q.dtype == torch.float32, TMA_OK=_tma_ok(k, v),
     )
     return out, lse
