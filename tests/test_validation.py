@@ -62,7 +62,9 @@ def call_bsa(q, k, v, **kw):
     kw.setdefault("backend", "torch")
     mask = kw.pop("mask", None)
     if mask is None:
-        nqb, nkb = -(-q.shape[-2] // kw["block_size"]), -(-k.shape[-2] // kw["block_size"])
+        axis = 1 if kw.get("layout") == "bshd" else 2
+        nqb = -(-q.shape[axis] // kw["block_size"])
+        nkb = -(-k.shape[axis] // kw["block_size"])
         mask = torch.ones(1, 1, max(nqb, 1), max(nkb, 1), dtype=torch.bool)
     return block_sparse_attention(q, k, v, mask, **kw)
 
@@ -350,6 +352,8 @@ def call_sel(q, k, v, **kw):
 @pytest.mark.parametrize("value", NOT_BOOLS, ids=NOT_BOOL_IDS)
 @pytest.mark.parametrize("f", QK_FUNCS + [call_sel], ids=FIDS + ["select_blocks"])
 def test_causal_must_be_a_bool(f, value):
+    if f is call_bsa and value is None:
+        pytest.skip("block_sparse_attention: causal=None means the default (or the plan's)")
     q, k, v = qkv()
     with pytest.raises(TypeError, match=r"^causal must be True or False"):
         f(q, k, v, causal=value)
@@ -366,20 +370,46 @@ def test_return_flags_must_be_bools(value):
 
 # ---------------------------------------------------------------- [B, L, H, D] by mistake
 
-LAYOUT_HINT = r"expected \[B, H, L, D\]; got q \[.*\], k \[.*\], which look like \[B, L, H, D\]"
+LAYOUT_HINT = (r"^q \[.*\], k \[.*\] look like \[B, L, H, D\] \(FlashAttention's layout\): "
+               r"pass layout='bshd'")
 
 
 @pytest.mark.parametrize("f", QK_FUNCS, ids=FIDS)
-def test_blhd_input_gets_a_layout_hint(f):
+def test_blhd_input_gets_a_layout_hint_first(f):
     q, k, v = qkv(hq=8, hkv=2, lq=40, lk=40)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, L, H, D]: "q length 8 > k length 2"
-    with pytest.raises(ValueError, match=r"q length \(8\) must not exceed k length \(2\).*"
-                       + LAYOUT_HINT):
+    with pytest.raises(ValueError, match=LAYOUT_HINT + r".*q length \(8\) must not exceed k "
+                       r"length \(2\)"):
         f(q, k, v)
     q, k, v = qkv(hq=8, hkv=2, lq=40, lk=50)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # "heads" 40 and 50 do not divide
-    with pytest.raises(ValueError, match=r"q heads \(40\) must be a multiple.*" + LAYOUT_HINT):
+    with pytest.raises(ValueError, match=LAYOUT_HINT + r".*q heads \(40\) must be a multiple"):
         f(q, k, v)
+
+
+@pytest.mark.parametrize("f", QK_FUNCS, ids=FIDS)
+def test_equal_heads_blhd_input_warns(f):
+    """[1, L, H, D] with equal head counts is valid as [B, H, L, D] and silently wrong: warn."""
+    q, k, v = qkv(hq=4, hkv=4, lq=40, lk=40)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    with pytest.warns(UserWarning, match="layout='bshd'"):
+        f(q, k, v)
+
+
+@pytest.mark.parametrize("f", QK_FUNCS, ids=FIDS)
+def test_bshd_layout_matches_bhsd(f):
+    q, k, v = qkv(hq=4, hkv=2, lq=40, lk=50)
+    want = f(q, k, v)
+    got = f(*(x.transpose(1, 2) for x in (q, k, v)), layout="bshd")
+    if f is not call_est:  # outputs come back in the caller's layout
+        got = got.transpose(1, 2)
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_layout_is_named():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"^layout must be one of"):
+        call_xa(q, k, v, layout="blhd")
 
 
 def test_no_layout_hint_for_bhld_input():

@@ -7,17 +7,31 @@ from collections.abc import Callable
 
 import torch
 
-from ._validation import check_block_grid, check_block_size, check_lengths, check_qkv, check_scale
-from .block_layout import candidate_blocks, num_blocks
+from ._validation import (
+    check_block_grid,
+    check_block_size,
+    check_bool,
+    check_lengths,
+    check_mask_tensor,
+    check_qkv,
+    check_scale,
+)
+from .block_layout import BlockLayout, num_blocks
+from .plan import SparsePlan
 
 # Elements of float32 logits held at once by block_attention_mass (~64 MiB).
 _MASS_CHUNK_ELEMENTS = 1 << 24
 
 
 def block_density(
-    mask: torch.Tensor, q_len: int, k_len: int, block_size: int = 128, causal: bool = True
+    mask: torch.Tensor | SparsePlan, q_len: int | None = None, k_len: int | None = None,
+    block_size: int = 128, causal: bool = True
 ) -> dict[str, float | torch.Tensor]:
     """Kept blocks over candidate blocks (causal: blocks with at least one visible key).
+
+    ``mask``: a bool block mask ``[B, Hq, nQB, nKB]`` (with ``q_len``, ``k_len``, ``block_size``,
+    ``causal`` saying what it was made for), or a :class:`~xattention.plan.SparsePlan`, which
+    carries them (the other arguments are then ignored).
 
     Returns ``{"overall": float, "per_head": float32 tensor [Hq]}``; both average over batch and
     query blocks. Dense causal attention has density 1.0, not ~0.5.
@@ -29,12 +43,16 @@ def block_density(
         >>> block_density(mask, 256, 256, block_size=128)["overall"]
         1.0
     """
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
-        raise TypeError("mask must be a bool tensor [B, Hq, nQB, nKB]")
+    if isinstance(mask, SparsePlan):
+        return {"overall": mask.density(), "per_head": mask.density_per_head()}
+    mask = check_mask_tensor("mask", mask)
+    if q_len is None or k_len is None:
+        raise TypeError("block_density needs q_len and k_len with a bool mask")
     q_len, k_len = check_lengths(q_len, k_len)
     block_size = check_block_size(block_size)
+    causal = check_bool("causal", causal)
     check_block_grid("mask", mask, q_len, k_len, block_size)
-    cand = candidate_blocks(q_len, k_len, block_size, bool(causal), mask.device)
+    cand = BlockLayout(q_len, k_len, block_size, causal).candidate(mask.device)
     kept = (mask & cand).sum(dim=(0, 2, 3)).to(torch.float64)
     per_head_total = cand.sum().item() * mask.shape[0]
     per_head = (kept / per_head_total).to(torch.float32)
