@@ -420,3 +420,23 @@ def test_video_benchmark_runs_in_smoke_mode(tmp_path):
     assert all(0 < r["density"] <= 1 for r in result["attention"] + result["forward"])
     assert len(result["forward"]) == 3
     assert "cannot tell" in (tmp_path / "video.md").read_text()
+
+
+def test_joint_attention_keeps_the_non_finite_rules_with_text_keys(backend, make_qkv):
+    """A NaN in a video value every video row can see (non-causal) makes every row NaN in that
+    dim, as dense attention does, also where the selection would have dropped its block and the
+    video part is merged with text keys (the path that used to skip the rules)."""
+    q, k, v = make_qkv(1, 2, 2, 90, 90, 16)
+    video = (0, 80)
+    _, mask = joint_attention(q, k, v, video=video, text_keys=torch.arange(80, 90),
+                              threshold=0.3, stride=STRIDE, block_size=BS, scale=0.25,
+                              backend=backend)
+    dropped = (~mask[0, 0].any(0)).nonzero().flatten()
+    assert dropped.numel(), "the test needs a key block no query block keeps"
+    key = int(dropped[0]) * BS
+    v[0, 0, key, 3] = float("nan")
+    out, _ = joint_attention(q, k, v, video=video, text_keys=torch.arange(80, 90),
+                             threshold=0.3, stride=STRIDE, block_size=BS, scale=0.25,
+                             backend=backend)
+    assert torch.isnan(out[0, 0, :, 3]).all()  # every row sees that key
+    assert torch.isfinite(out[0, 1]).all()  # the other head never reads it

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from ...api import xattention
-from ...estimate import estimate_block_scores
-from ...selection import select_blocks
+from ...merge import merge_attention
 from ...sparse_attention import block_sparse_attention
 
 # Float32 logits held at once by the dense pieces against text keys (~256 MiB).
@@ -61,39 +60,27 @@ def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """Combine attention over disjoint key sets from their ``(out, lse)``: exact softmax merge."""
-    lses = [lse.to(torch.float64 if dtype == torch.float64 else torch.float32)
-            for _, lse in parts]
-    total = lses[0]
-    for lse in lses[1:]:
-        total = torch.logaddexp(total, lse)
-    out = None
-    for (o, _), lse in zip(parts, lses, strict=True):
-        weight = torch.exp(lse - total).unsqueeze(-1)
-        term = o.to(weight.dtype) * weight
-        out = term if out is None else out.add_(term)
-    return out.to(dtype)
+    """Combine attention over disjoint key sets from their ``(out, lse)``: the core's exact
+    softmax merge (:func:`xattention.merge.merge_attention`), which keeps the non-finite rules."""
+    return merge_attention(parts, dtype)
 
 
 def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                     threshold: float | torch.Tensor, stride: int, block_size: int, scale: float,
                     backend: str, need_lse: bool, estimate_dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """XAttention of video rows over video keys (non-causal); ``(out, lse or None, mask)``."""
-    if not need_lse:
-        out, mask = xattention(q, k, v, threshold=threshold, stride=stride, block_size=block_size,
-                               causal=False, scale=scale, backend=backend, return_mask=True,
-                               estimate_dtype=estimate_dtype)
-        return out, None, mask
-    # The same three stages as xattention(), with the log-sum-exp kept for the merge.
-    length = q.shape[2]
-    scores = estimate_block_scores(q, k, stride=stride, block_size=block_size, causal=False,
-                                   scale=scale, backend=backend, estimate_dtype=estimate_dtype)
-    mask = select_blocks(scores, threshold, q_len=length, k_len=length, block_size=block_size,
-                         causal=False, backend=backend)
-    out, lse = block_sparse_attention(q, k, v, mask, block_size=block_size, causal=False,
-                                      scale=scale, backend=backend, return_lse=True)
-    return out, lse, mask
+    """XAttention of video rows over video keys (non-causal); ``(out, lse or None, mask)``.
+
+    One ``xattention()`` call either way (validated once, the non-finite rules of
+    docs/design.md §4 applied), with the log-sum-exp kept for the merge when asked.
+    """
+    res = xattention(q, k, v, threshold=threshold, stride=stride, block_size=block_size,
+                     causal=False, scale=scale, backend=backend, return_mask=True,
+                     return_lse=need_lse, estimate_dtype=estimate_dtype)
+    if need_lse:
+        return res
+    out, mask = res
+    return out, None, mask
 
 
 def _rows_over_video(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
