@@ -26,12 +26,13 @@ from common import (
     write_results,
 )
 
-from xattention import estimate_block_scores, select_blocks
+from xattention import estimate_block_scores
+from xattention.block_layout import BlockLayout
 from xattention.estimate import strided_keys, strided_queries
 from xattention.kernels import estimate as kernel_module
 from xattention.kernels._tuning import force_config
 from xattention.kernels.quantize import quantize_per_head_triton
-from xattention.kernels.sparse_attention import build_block_index
+from xattention.selection import _select_plan
 
 DTYPES = {"bf16": None, "fp8": torch.float8_e4m3fn}
 
@@ -122,10 +123,9 @@ def bench_length(length: int, args) -> list[dict]:
             row["materialised_ms"] = bench_ms(lambda: materialised_estimate(q, k, stride, bs),
                                               warmup=2, rep=10)
             del ref
-        row["select_ms"] = bench_ms(lambda: select_blocks(scores, 0.9, q_len=length,
-                                                          k_len=length, block_size=bs))
-        mask = select_blocks(scores, 0.9, q_len=length, k_len=length, block_size=bs)
-        row["index_ms"] = bench_ms(lambda: build_block_index(mask, length, length, bs, True))
+        # The selection kernel writes the plan itself (no separate compaction to time).
+        layout = BlockLayout(length, length, bs, True)
+        row["select_ms"] = bench_ms(lambda: _select_plan(scores, 0.9, layout, "auto"))
         rows.append(row)
     return rows
 

@@ -8,9 +8,11 @@ costs what the host spends issuing it. For each length this times, against dense
 - ``launches``: kernels per call, counted by the PyTorch profiler;
 
 for SDPA (cuDNN), the automatic dense branch of ``xattention()``, the sparse pipeline forced
-(``min_sparse_len=0``) and each of its three stages alone.
+(``min_sparse_len=0``) eager, the same call through ``XAttentionGraph`` (``graph``: the inputs
+copied into the captured buffers, then one replay; ``replay``: inputs already in the buffers, the
+replay alone), and each of its three stages alone (estimate + flags, selection -> plan, attention).
 
-Run on a CUDA GPU:  python benchmarks/bench_short_calls.py --lengths 1k,2k,4k,8k
+Run on a CUDA GPU:  python benchmarks/bench_short_calls.py --lengths 1k,2k,4k,8k,16k,32k
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from common import bench_ms, gpu_info, parse_lengths, print_table, qkv, write_re
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattention import xattention
-from xattention.estimate import _estimate
-from xattention.selection import _select
+from xattention.block_layout import BlockLayout
+from xattention.estimate import _estimate_with_flags
+from xattention.graphs import XAttentionGraph
+from xattention.selection import _select_plan
 from xattention.sparse_attention import _sparse_attention
 
 
@@ -55,8 +59,14 @@ def bench_length(length: int, hq: int, hkv: int, d: int, block_size: int, stride
                  ) -> list[dict]:
     q, k, v = qkv(1, hq, hkv, length, length, d)
     scale = d ** -0.5
-    scores = _estimate(q, k, stride, block_size, True, scale, "auto")
-    mask = _select(scores, 0.9, length, length, block_size, True, "auto", inputs=(q, k, v))
+    layout = BlockLayout(length, length, block_size, True)
+    scores, flags = _estimate_with_flags(q, k, v, stride, block_size, True, scale, "auto")
+    plan = _select_plan(scores, 0.9, layout, "auto", inputs=(q, k, v), flags=flags)
+    graph = XAttentionGraph(threshold=0.9, stride=stride, block_size=block_size,
+                            min_sparse_len=0)
+    graph(q, k, v)  # capture
+    gq, gk, gv = graph.inputs(q, k, v)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))  # other tensors: copied in on each call
     kr, vr = (x.repeat_interleave(hq // hkv, 1) for x in (k, v))
 
     def cudnn():
@@ -71,13 +81,16 @@ def bench_length(length: int, hq: int, hkv: int, d: int, block_size: int, stride
         "sdpa_cudnn (K/V repeated beforehand)": cudnn,
         "sdpa_cudnn enable_gqa (no repeat)": cudnn_gqa,
         "xattention auto (dense branch)": lambda: xattention(q, k, v, 0.9, stride, block_size),
-        "xattention sparse (min_sparse_len=0)": lambda: xattention(
+        "xattention sparse eager (min_sparse_len=0)": lambda: xattention(
             q, k, v, 0.9, stride, block_size, min_sparse_len=0),
-        "  estimate": lambda: _estimate(q, k, stride, block_size, True, scale, "auto"),
-        "  selection": lambda: _select(scores, 0.9, length, length, block_size, True, "auto",
-                                       inputs=(q, k, v)),
-        "  sparse attention": lambda: _sparse_attention(q, k, v, mask, block_size, True, scale,
-                                                        "auto", False),
+        "xattention sparse graph (copy in + replay)": lambda: graph(q2, k2, v2),
+        "xattention sparse replay (inputs in place)": lambda: graph(gq, gk, gv),
+        "  estimate (+ non-finite flags)": lambda: _estimate_with_flags(
+            q, k, v, stride, block_size, True, scale, "auto"),
+        "  selection (-> plan)": lambda: _select_plan(scores, 0.9, layout, "auto",
+                                                      inputs=(q, k, v), flags=flags),
+        "  sparse attention (plan)": lambda: _sparse_attention(q, k, v, plan, block_size, True,
+                                                               scale, "auto", False),
     }
     rows = []
     for name, fn in variants.items():
@@ -122,7 +135,7 @@ def main() -> None:
     from common import shape_arguments
 
     ap = shape_arguments("short_calls")
-    ap.set_defaults(lengths="1k,2k,4k,8k", kv_heads=8)
+    ap.set_defaults(lengths="1k,2k,4k,8k,16k,32k", kv_heads=8)
     ap.add_argument("--stride", type=int, default=8)
     args = ap.parse_args()
     rows = []

@@ -28,8 +28,10 @@ from common import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattention import block_sparse_attention
-from xattention.kernels.fa4 import block_sparse_attention_fa4, fa4_block_lists, fa4_import_error
-from xattention.kernels.sparse_attention import block_sparse_attention_triton, build_block_index
+from xattention.block_layout import BlockLayout
+from xattention.kernels.fa4 import block_sparse_attention_fa4, fa4_import_error
+from xattention.kernels.sparse_attention import block_sparse_attention_triton
+from xattention.plan import SparsePlan
 
 FA4_MISSING = fa4_import_error()
 if FA4_MISSING:
@@ -118,9 +120,9 @@ def bench_length(length: int, args, flex) -> list[dict]:
             mask = random_block_mask(1, h, length, length, bs, density, seed=length)
         pairs = visible_pairs(mask[0], length, length, bs, True)
         real_density = pairs / dense_pairs
-        index = build_block_index(mask, length, length, bs, True)
-        ours = lambda: block_sparse_attention_triton(q, k, v, mask, bs, True, scale,  # noqa: E731
-                                                     block_index=index)
+        plan = SparsePlan.from_mask(mask.expand(1, h, -1, -1),
+                                    BlockLayout(length, length, bs, True))
+        ours = lambda: block_sparse_attention_triton(q, k, v, plan, scale)  # noqa: E731
         out = ours()[0]
         ms = bench_ms(ours)
         ms_with_index = bench_ms(lambda: block_sparse_attention(q, k, v, mask, bs, True,
@@ -136,17 +138,15 @@ def bench_length(length: int, args, flex) -> list[dict]:
         rows.append(row)
         fa4_ms = fa4_dense_ms if density >= 1.0 else float("nan")
         if FA4_MISSING is None:
-            lists = fa4_block_lists(mask, length, length, bs, True)
-            fa = lambda: block_sparse_attention_fa4(q, k, v, mask, bs, True,  # noqa: E731
-                                                    scale, block_lists=lists)
+            fa = lambda: block_sparse_attention_fa4(q, k, v, plan, scale)  # noqa: E731
             fa_out = fa()[0]
             fa_sparse_ms = bench_ms(fa)
             rows.append({"L": length, "method": "fa4_block_sparse", "density": real_density,
                          "ms": fa_sparse_ms, "tflops": attention_tflops(pairs, d, fa_sparse_ms),
                          "vs_cudnn": cudnn_ms / fa_sparse_ms, "vs_fa4": 1.0,
                          "err_vs_ours": rel_err(fa_out, out),
-                         "ms_incl_index": bench_ms(lambda: block_sparse_attention_fa4(
-                             q, k, v, mask, bs, True, scale))})
+                         "ms_incl_index": bench_ms(lambda: block_sparse_attention(
+                             q, k, v, mask, bs, True))})
             fa4_ms = fa_sparse_ms
         row["vs_fa4"] = fa4_ms / ms
         if not args.no_flex:

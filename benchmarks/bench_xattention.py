@@ -4,7 +4,8 @@ Run on a CUDA GPU:  python benchmarks/bench_xattention.py --lengths 8k,32k,128k
 Structured synthetic inputs (sink, local windows, heavy keys): rows at fixed thresholds, and rows
 at the threshold that reaches ~10% / ~20% density (found by bisection on the estimate's scores),
 the density range of docs/design.md §12. With ``--real FILE`` (from capture_real_qkv.py) it
-runs on Q/K/V captured from a real model instead.
+runs on Q/K/V captured from a real model instead; ``--real`` and ``--crossover`` time each call
+eager and replayed from a CUDA graph (``XAttentionGraph``), against cuDNN and FA4 dense.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from common import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattention import block_density, estimate_block_scores, select_blocks, xattention
+from xattention.graphs import XAttentionGraph
 
 
 def rel_err(out, ref) -> float:
@@ -55,16 +57,26 @@ def fa4_dense_ms(q, k, v) -> float:
 
 
 def time_xattention(q, k, v, ref, thr, stride, bs, cudnn_ms, min_sparse_len=0,
-                    estimate_dtype=None) -> dict:
-    """min_sparse_len=0 times the sparse pipeline at every length; None, the automatic switch."""
+                    estimate_dtype=None, graph=False) -> dict:
+    """min_sparse_len=0 times the sparse pipeline at every length; None, the automatic switch.
+    ``graph``: also time the call replayed from a CUDA graph (XAttentionGraph, inputs in place)."""
     length = q.shape[2]
     run = lambda: xattention(q, k, v, threshold=thr, stride=stride, block_size=bs,  # noqa: E731
                              return_mask=True, min_sparse_len=min_sparse_len,
                              estimate_dtype=estimate_dtype)
     out, mask = run()
     ms = bench_ms(run)
-    return {"ms": ms, "density": block_density(mask, length, length, bs)["overall"],
-            "speedup_vs_cudnn": cudnn_ms / ms, "rel_err": rel_err(out, ref)}
+    row = {"ms": ms, "density": block_density(mask, length, length, bs)["overall"],
+           "speedup_vs_cudnn": cudnn_ms / ms, "rel_err": rel_err(out, ref)}
+    if graph:
+        g = XAttentionGraph(threshold=thr, stride=stride, block_size=bs,
+                            min_sparse_len=min_sparse_len, estimate_dtype=estimate_dtype)
+        g(q, k, v)
+        inputs = g.inputs(q, k, v)
+        row["graph_ms"] = gms = bench_ms(lambda: g(*inputs))
+        row["graph_vs_cudnn"] = cudnn_ms / gms
+        del g
+    return row
 
 
 def threshold_for_density(scores, target: float, length: int, bs: int) -> float:
@@ -109,21 +121,30 @@ def bench_length(length: int, args) -> list[dict]:
     return rows
 
 
-def bench_real(path: str, args) -> list[dict]:
-    """Layers of a real model (capture_real_qkv.py): density and speed at fixed thresholds."""
-    data = torch.load(path)
+def bench_real(paths: str, args) -> list[dict]:
+    """Layers of a real model (capture_real_qkv.py files, comma-separated): density and speed at
+    fixed thresholds, eager and graph-replayed, against cuDNN and FA4 dense."""
     rows = []
-    for layer, tensors in data["layers"].items():
-        q, k, v = (t.cuda() for t in tensors)
-        length = q.shape[2]
-        cudnn_ms, _, ref = dense_reference(q, k, v)
-        base = {"model": data["model"], "layer": layer, "L": length}
-        rows.append(base | {"method": "sdpa_cudnn", "ms": cudnn_ms})
-        for thr in (float(t) for t in args.thresholds.split(",")):
-            for stride in (8, 16):
-                rows.append(base | {"method": f"xattention t={thr} S={stride}"}
-                            | time_xattention(q, k, v, ref, thr, stride, args.block_size,
-                                              cudnn_ms))
+    for path in paths.split(","):
+        data = torch.load(path)
+        for layer, tensors in data["layers"].items():
+            q, k, v = (t.cuda() for t in tensors)
+            length = q.shape[2]
+            cudnn_ms, _, ref = dense_reference(q, k, v)
+            fa4_ms = fa4_dense_ms(q, k, v)
+            base = {"model": data["model"], "layer": layer, "L": length}
+            rows.append(base | {"method": "sdpa_cudnn", "ms": cudnn_ms,
+                                "speedup_vs_cudnn": 1.0})
+            if fa4_ms == fa4_ms:
+                rows.append(base | {"method": "fa4_dense", "ms": fa4_ms,
+                                    "speedup_vs_cudnn": cudnn_ms / fa4_ms})
+            for thr in (float(t) for t in args.thresholds.split(",")):
+                for stride in (int(x) for x in args.strides.split(",")):
+                    rows.append(base | {"method": f"xattention t={thr} S={stride}"}
+                                | time_xattention(q, k, v, ref, thr, stride, args.block_size,
+                                                  cudnn_ms, graph=True))
+            del q, k, v, ref
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -136,14 +157,19 @@ def bench_crossover(args) -> list[dict]:
         for length in parse_lengths(args.lengths):
             q, k, v = qkv(1, hq, hkv, length, length, args.head_dim)
             cudnn_ms, _, ref = dense_reference(q, k, v)
-            base = {"heads": f"{hq}/{hkv}", "L": length, "cudnn_ms": cudnn_ms}
+            base = {"heads": f"{hq}/{hkv}", "L": length, "cudnn_ms": cudnn_ms,
+                    "fa4_ms": fa4_dense_ms(q, k, v)}
             for stride in (int(x) for x in args.strides.split(",")):
-                sparse = time_xattention(q, k, v, ref, 0.9, stride, args.block_size, cudnn_ms)
+                sparse = time_xattention(q, k, v, ref, 0.9, stride, args.block_size, cudnn_ms,
+                                         graph=True)
                 auto = time_xattention(q, k, v, ref, 0.9, stride, args.block_size, cudnn_ms,
                                        min_sparse_len=None)
                 rows.append(base | {"S": stride, "sparse_ms": sparse["ms"],
                                     "sparse_vs_cudnn": sparse["speedup_vs_cudnn"],
-                                    "density": sparse["density"], "auto_ms": auto["ms"],
+                                    "density": sparse["density"],
+                                    "graph_ms": sparse["graph_ms"],
+                                    "graph_vs_cudnn": sparse["graph_vs_cudnn"],
+                                    "auto_ms": auto["ms"],
                                     "auto_vs_cudnn": auto["speedup_vs_cudnn"]})
             torch.cuda.empty_cache()
     return rows
@@ -156,14 +182,15 @@ def main() -> None:
     ap.add_argument("--strides", default="8,16")
     ap.add_argument("--estimate-dtypes", default="bf16",
                     help="bf16,fp8: also time the FP8 estimate at the fixed thresholds")
-    ap.add_argument("--real", default="", help="a file written by capture_real_qkv.py")
+    ap.add_argument("--real", default="",
+                    help="files written by capture_real_qkv.py, comma-separated")
     ap.add_argument("--crossover", default="",
                     help="head counts like 32/8,8/2: time short inputs sparse vs dense instead")
     args = ap.parse_args()
     if args.crossover:
         rows = bench_crossover(args)
-        cols = ["heads", "L", "S", "cudnn_ms", "sparse_ms", "sparse_vs_cudnn", "density",
-                "auto_ms", "auto_vs_cudnn"]
+        cols = ["heads", "L", "S", "cudnn_ms", "fa4_ms", "sparse_ms", "sparse_vs_cudnn",
+                "graph_ms", "graph_vs_cudnn", "density", "auto_ms", "auto_vs_cudnn"]
         meta = gpu_info() | {"head_dim": args.head_dim, "block_size": args.block_size,
                              "threshold": 0.9, "dtype": "bfloat16", "causal": True}
         write_results(args.name + "_crossover", meta, rows, cols,
@@ -173,7 +200,8 @@ def main() -> None:
         return
     if args.real:
         rows = bench_real(args.real, args)
-        cols = ["model", "layer", "L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
+        cols = ["model", "layer", "L", "method", "ms", "graph_ms", "density",
+                "speedup_vs_cudnn", "graph_vs_cudnn", "rel_err"]
         meta = gpu_info() | {"block_size": args.block_size, "dtype": "bfloat16", "causal": True,
                              "inputs": f"captured by capture_real_qkv.py ({args.real})"}
         write_results(args.name + "_real", meta, rows, cols,

@@ -30,19 +30,22 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--layers", default="3,15,27")
     ap.add_argument("--out", default=".real_qkv/smollm2.pt")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on the lent GPU (long inputs)")
     args = ap.parse_args()
     from xattention.eval.models import load_model
     from xattention.integrations.transformers import capture_attention_inputs
 
-    model, tokenizer = load_model(args.model)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else None
+    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
     ids = tokenizer(essay_text(), return_tensors="pt").input_ids[:, : args.length]
+    ids = ids.to(args.device)
     layers = [int(x) for x in args.layers.split(",")]
     with torch.no_grad():
         caps = capture_attention_inputs(model, ids, layers=layers)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": args.model, "length": ids.shape[1],
-                "layers": {i: tuple(t.to(torch.bfloat16).contiguous() for t in caps[i])
+                "layers": {i: tuple(t.to(torch.bfloat16).cpu().contiguous() for t in caps[i])
                            for i in layers}}, out)
     print(f"saved {out} ({out.stat().st_size / 2**20:.1f} MiB): layers {layers}, "
           f"q {tuple(caps[layers[0]][0].shape)}, k {tuple(caps[layers[0]][1].shape)}")

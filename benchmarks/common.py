@@ -80,10 +80,10 @@ def attention_tflops(pairs: int, head_dim: int, ms: float) -> float:
 
 def random_block_mask(b, h, lq, lk, block_size, density, causal=True, seed=0):
     """Random kept blocks at ``density`` of the candidates, plus the forced sink/diagonal."""
-    from xattention.block_layout import candidate_blocks, forced_blocks
+    from xattention.block_layout import BlockLayout
 
-    cand = candidate_blocks(lq, lk, block_size, causal, "cuda")
-    forced = forced_blocks(lq, lk, block_size, causal, "cuda")
+    layout = BlockLayout(lq, lk, block_size, causal)
+    cand, forced = layout.candidate("cuda"), layout.forced("cuda")
     g = torch.Generator(device="cuda").manual_seed(seed)
     nqb, nkb = cand.shape
     rnd = torch.rand(b, h, nqb, nkb, device="cuda", generator=g)
@@ -100,18 +100,11 @@ def flex_block_mask(mask: torch.Tensor, lq: int, lk: int, block_size: int, causa
     """The same block pattern as a FlexAttention BlockMask (full blocks skip the mask_mod)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from xattention.kernels.sparse_attention import build_block_index
+    from xattention.block_layout import BlockLayout
+    from xattention.plan import SparsePlan
 
-    index, count, full = build_block_index(mask, lq, lk, block_size, causal)
-    nkb = mask.shape[-1]
-    pos = torch.arange(nkb, device=mask.device)
-    is_full = pos[None, None, None, :] < full[..., None]
-    is_partial = (pos[None, None, None, :] < count[..., None]) & ~is_full
-    # Full blocks are the first `full` entries; partial ones follow. Shift partial to the front.
-    partial_idx = torch.where(is_partial, index, torch.full_like(index, nkb))
-    partial_idx = torch.sort(partial_idx, dim=-1).values.clamp(max=nkb - 1).to(torch.int32)
-    full_idx = torch.where(is_full, index, torch.full_like(index, nkb))
-    full_idx = torch.sort(full_idx, dim=-1).values.clamp(max=nkb - 1).to(torch.int32)
+    # The plan's full/partial lists are FlexAttention's full_kv / kv lists as they are.
+    plan = SparsePlan.from_mask(mask, BlockLayout(lq, lk, block_size, causal))
     offset = lk - lq
 
     def causal_mod(b, h, q_idx, kv_idx):
@@ -120,9 +113,12 @@ def flex_block_mask(mask: torch.Tensor, lq: int, lk: int, block_size: int, causa
     def all_mod(b, h, q_idx, kv_idx):
         return kv_idx < lk
 
+    nkb = mask.shape[-1]
+    partial_idx = torch.zeros(*plan.partial_index.shape[:3], nkb, dtype=torch.int32,
+                              device=mask.device)
+    partial_idx[..., :plan.partial_index.shape[-1]] = plan.partial_index
     return BlockMask.from_kv_blocks(
-        (count - full).to(torch.int32).contiguous(), partial_idx.contiguous(),
-        full.to(torch.int32).contiguous(), full_idx.contiguous(),
+        plan.partial_count, partial_idx, plan.full_count, plan.full_index.contiguous(),
         BLOCK_SIZE=block_size, mask_mod=causal_mod if causal else all_mod, seq_lengths=(lq, lk),
     )
 

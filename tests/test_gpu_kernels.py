@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from xattention import block_sparse_attention, estimate_block_scores, select_blocks, xattention
+from xattention.block_layout import BlockLayout
+from xattention.plan import SparsePlan
 from xattention.synthetic import structured_qkv
 
 pytestmark = [
@@ -123,7 +125,9 @@ def test_pointer_path_without_tma(monkeypatch):
     monkeypatch.setenv("XATTENTION_DISABLE_TMA", "1")
     q, k, v = _inputs(1, 4, 2, 1500, 1500, 128, torch.bfloat16, seed=9)
     mask = torch.rand(1, 4, 12, 12, device="cuda") < 0.5
-    got, _ = sa.block_sparse_attention_triton(q, k, v, mask, 128, True, 128 ** -0.5)
+    mask[..., 0] = True
+    plan = SparsePlan.from_mask(mask, BlockLayout(1500, 1500, 128, True))
+    got, _ = sa.block_sparse_attention_triton(q, k, v, plan, 128 ** -0.5)
     ref = block_sparse_attention(q, k, v, mask, backend="torch")
     assert _rel(got, ref) < 1e-2
 
@@ -212,25 +216,22 @@ def test_sparse_attention_every_kept_config(shape, config, causal, monkeypatch):
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-2, rtol=1e-3)
 
 
-@pytest.mark.parametrize("k_len", [140_000, 300_000], ids=["8warps_select", "8warps_index"])
-def test_selection_and_index_wide_rows(k_len):
-    """The selection kernel switches to 8 warps past 1024 key blocks, the index builder past
-    2048: both launch shapes against the reference (few query rows keep it cheap)."""
-    from xattention.kernels.sparse_attention import build_block_index, build_block_index_torch
+@pytest.mark.parametrize("k_len", [140_000, 300_000], ids=["8warps_select", "wide_rows"])
+def test_selection_plan_wide_rows(k_len):
+    """The selection kernel switches to 8 warps past 1024 key blocks: its plan against the plan
+    of the PyTorch selection's mask (few query rows keep it cheap)."""
+    from xattention.selection import _select_plan
 
     g = torch.Generator(device="cuda").manual_seed(k_len)
     lq, bs = 300, 128
     scores = torch.rand(1, 3, -(-lq // bs), -(-k_len // bs), device="cuda", generator=g) ** 4
     scores = scores / scores.sum(-1, keepdim=True)
     for causal in (True, False):
-        got = select_blocks(scores, 0.9, q_len=lq, k_len=k_len, causal=causal, backend="triton")
-        ref = select_blocks(scores, 0.9, q_len=lq, k_len=k_len, causal=causal, backend="torch")
-        assert torch.equal(got, ref)
-        index, count, full = build_block_index(got, lq, k_len, bs, causal)
-        r_index, r_count, r_full = build_block_index_torch(got, lq, k_len, bs, causal)
-        assert torch.equal(count, r_count) and torch.equal(full, r_full)
-        kept = torch.arange(index.shape[-1], device="cuda") < count[..., None]
-        assert torch.equal(index[kept], r_index[kept])
+        lay = BlockLayout(lq, k_len, bs, causal)
+        got = _select_plan(scores, 0.9, lay, "triton")
+        ref = SparsePlan.from_mask(_select_plan(scores, 0.9, lay, "torch").to_dense(), lay)
+        for name in ("full_count", "full_index", "partial_count", "partial_index"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +400,8 @@ def test_fa4_sparse_matches_reference(shape, causal):
     g = torch.Generator(device="cuda").manual_seed(lk)
     mask = torch.rand(b, hq, -(-lq // 128), -(-lk // 128), device="cuda", generator=g) < 0.3
     mask[..., 0] = True
-    out, lse = block_sparse_attention_fa4(q, k, v, mask, 128, causal, d ** -0.5)
+    plan = SparsePlan.from_mask(mask, BlockLayout(lq, lk, 128, causal))
+    out, lse = block_sparse_attention_fa4(q, k, v, plan, d ** -0.5)
     ref, ref_lse = block_sparse_attention(q.double(), k.double(), v.double(), mask, 128, causal,
                                           backend="torch", return_lse=True)
     assert out.shape == q.shape and not out.isnan().any()
@@ -468,8 +470,74 @@ def test_selection_nonfinite_rules_match_torch(which, value):
     q, k, v = _inputs(1, 8, 2, 3001, 5000, 128, torch.bfloat16, seed=13)
     x = {"q": q, "k": k, "v": v}[which]
     x[0, 1, x.shape[2] // 2, 5] = value
+    from xattention.estimate import _estimate_with_flags
+    from xattention.selection import _select_plan
+
     scores = _estimate(q, k, 8, 128, True, 128 ** -0.5, "triton")
     got = _select(scores, 0.9, 3001, 5000, 128, True, "triton", inputs=(q, k, v))
     ref = _select(scores, 0.9, 3001, 5000, 128, True, "torch", inputs=(q, k, v))
-    assert got.view(torch.uint8).max() <= 1
     assert torch.equal(got, ref)
+    # The flags as the estimate kernel writes them (xattention()'s path) give the same plan.
+    scores, flags = _estimate_with_flags(q, k, v, 8, 128, True, 128 ** -0.5, "triton")
+    plan = _select_plan(scores, 0.9, BlockLayout(3001, 5000, 128, True), "triton", flags=flags)
+    assert torch.equal(plan.to_dense(), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan's call path: three launches, no host sync, capturable in a CUDA graph.
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernel_launches(fn) -> list[str]:
+    """Names of the GPU kernels one call of ``fn`` launches (torch profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA"
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+
+
+@pytest.mark.parametrize("length", [4096, 16384])
+def test_sparse_call_is_three_launches(length):
+    q, k, v = _inputs(1, 8, 2, length, length, 128, torch.bfloat16, seed=21)
+    names = _kernel_launches(lambda: xattention(q, k, v, threshold=0.9, min_sparse_len=0,
+                                                backend="triton"))
+    assert len(names) == 3, names  # estimate (+ flags), selection (-> plan), attention
+
+
+def test_call_path_has_no_host_sync():
+    q, k, v = _inputs(1, 8, 2, 8192, 8192, 128, torch.bfloat16, seed=22)
+    for kw in ({}, {"return_lse": True}, {"estimate_dtype": None, "threshold": 0.95}):
+        xattention(q, k, v, min_sparse_len=0, **kw)  # warm: autotuning syncs
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            xattention(q, k, v, min_sparse_len=0, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("min_sparse_len", [0, None], ids=["sparse", "auto"])
+def test_graph_capture_and_replay_equal_eager(layout, min_sparse_len):
+    from xattention.graphs import XAttentionGraph
+
+    q, k, v = _inputs(1, 8, 2, 4096, 4096, 128, torch.bfloat16, seed=23)
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # strided views, read in place
+    graph = XAttentionGraph(threshold=0.9, min_sparse_len=min_sparse_len, layout=layout)
+    eager = xattention(q, k, v, threshold=0.9, min_sparse_len=min_sparse_len, layout=layout)
+    first = graph(q, k, v).clone()
+    torch.testing.assert_close(first, eager, atol=1e-3, rtol=1e-3)
+    q2, k2, v2 = (x * 1.5 for x in (q, k, v))  # new values, same shape: a replay
+    replay = graph(q2, k2, v2)
+    want = xattention(q2, k2, v2, threshold=0.9, min_sparse_len=min_sparse_len, layout=layout)
+    assert len(graph) == 1
+    torch.testing.assert_close(replay, want, atol=1e-3, rtol=1e-3)
+    out = torch.empty_like(want)
+    graph(q, k, v, out=out)
+    torch.testing.assert_close(out, eager, atol=1e-3, rtol=1e-3)

