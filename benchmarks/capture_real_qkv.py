@@ -27,7 +27,8 @@ def essay_text() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--length", default="8192",
+                    help="tokens; several comma-separated (one model load), with {length} in --out")
     ap.add_argument("--layers", default="3,15,27")
     ap.add_argument("--out", default=".real_qkv/smollm2.pt")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on the lent GPU (long inputs)")
@@ -37,18 +38,20 @@ def main() -> None:
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
-    ids = tokenizer(essay_text(), return_tensors="pt").input_ids[:, : args.length]
-    ids = ids.to(args.device)
+    text_ids = tokenizer(essay_text(), return_tensors="pt").input_ids
     layers = [int(x) for x in args.layers.split(",")]
-    with torch.no_grad():
-        caps = capture_attention_inputs(model, ids, layers=layers)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": args.model, "length": ids.shape[1],
-                "layers": {i: tuple(t.to(torch.bfloat16).cpu().contiguous() for t in caps[i])
-                           for i in layers}}, out)
-    print(f"saved {out} ({out.stat().st_size / 2**20:.1f} MiB): layers {layers}, "
-          f"q {tuple(caps[layers[0]][0].shape)}, k {tuple(caps[layers[0]][1].shape)}")
+    for length in (int(x) for x in args.length.split(",")):
+        ids = text_ids[:, :length].to(args.device)
+        with torch.no_grad():
+            caps = capture_attention_inputs(model, ids, layers=layers)
+        out = Path(args.out.format(length=length))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": args.model, "length": ids.shape[1],
+                    "layers": {i: tuple(t.to(torch.bfloat16).cpu().contiguous() for t in caps[i])
+                               for i in layers}}, out)
+        print(f"saved {out} ({out.stat().st_size / 2**20:.1f} MiB): layers {layers}, "
+              f"q {tuple(caps[layers[0]][0].shape)}, k {tuple(caps[layers[0]][1].shape)}")
+        del caps
 
 
 if __name__ == "__main__":

@@ -52,14 +52,15 @@ if [[ $have_model == NO* ]]; then
   echo "real-layer bench skipped: Qwen2.5-1.5B is not available under \$XATTENTION_CACHE" \
        "(${XATTENTION_CACHE:-unset}): ${have_model#NO: }" | tee "$r/real_skipped.txt"
 else
+  timeout 100 python capture_real_qkv.py --model qwen2.5-1.5b --length 8192,16384,32768 \
+    --layers 0,9,18,27 --device cuda --out "/tmp/qwen15b_{length}.pt" > "$r/capture.log" 2>&1
+  tail -4 "$r/capture.log"
   for len in 8192 16384 32768; do
     f=/tmp/qwen15b_$len.pt
-    [[ -f $f ]] || timeout 60 python capture_real_qkv.py --model qwen2.5-1.5b --length $len \
-      --layers 0,9,18,27 --device cuda --out $f > "$r/capture_$len.log" 2>&1
-    [[ -f $f ]] && real_files=${real_files:+$real_files,}$f || tail -3 "$r/capture_$len.log"
+    [[ -f $f ]] && real_files=${real_files:+$real_files,}$f
   done
   if [[ -n $real_files ]]; then
-    timeout 150 python bench_xattention.py --real "$real_files" --thresholds 0.9 --strides 8 \
+    timeout 110 python bench_xattention.py --real "$real_files" --thresholds 0.9 --strides 8 \
       --name xattention_qwen15b_plan > "$r/real.log" 2>&1; tail -3 "$r/real.log"
   fi
 fi
