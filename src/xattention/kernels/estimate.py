@@ -107,11 +107,24 @@ def kept_configs(gpb: int, g_tile: int, d_pad: int, few_programs: bool = False, 
         if not big and (c.num_stages == 4 or m != 128 or bn != 128):
             continue
         kept.append(c)
-    if not kept:
-        size = max(16, gpb)
-        kept = [triton.Config({"ROWS": max(size, 128 // g_tile), "BLOCK_N": size,
-                               "BLOCK_D": min(d_pad, 64)}, num_warps=4, num_stages=2)]
-    return kept
+    return kept or [_fallback_config(gpb, g_tile, d_pad)]
+
+
+def _min_tile(gpb: int) -> int:
+    """The smallest row / key tile a block shape allows: whole key blocks, 16 for tl.dot."""
+    return max(16, gpb)
+
+
+def _fallback_config(gpb: int, g_tile: int, d_pad: int, interpreted: bool = False
+                     ) -> triton.Config:
+    """The config when no tuned one fits (large blocks per tile): the smallest legal tiles
+    (small head-dim chunks under the interpreter, whose cost grows with tile size)."""
+    size = _min_tile(gpb)
+    if interpreted:
+        return triton.Config({"ROWS": size, "BLOCK_N": size, "BLOCK_D": 16}, num_warps=4,
+                             num_stages=1)
+    return triton.Config({"ROWS": max(size, 128 // g_tile), "BLOCK_N": size,
+                          "BLOCK_D": min(d_pad, 64)}, num_warps=4, num_stages=2)
 
 
 def _quick_config(gpb: int, g_tile: int, d_pad: int, row_groups: int,
@@ -119,8 +132,8 @@ def _quick_config(gpb: int, g_tile: int, d_pad: int, row_groups: int,
     """The shape full tuning picked on the H200, with rows halved while the grid would leave SMs
     idle (at 4k, S=16 has half the query groups of S=8 and ran 2.6x slower at 128 rows), and
     256-wide key tiles from 32k keys on (the best of every kept config at 128k, run 10)."""
-    rows = max(16, gpb, 128 // g_tile)
-    floor = max(16, gpb)
+    floor = _min_tile(gpb)
+    rows = max(floor, 128 // g_tile)
     if device.type == "cuda":
         while rows > floor and triton.cdiv(row_groups, rows) < _sm_count(device.index or 0):
             rows //= 2
@@ -139,9 +152,7 @@ def _prune(configs, named_args, **kwargs):
     gpb, g_tile, d_pad = kwargs["GPB"], kwargs["G_TILE"], kwargs["D_PAD"]
     if interpreter_enabled():
         fits = [c for c in configs if c.kwargs["ROWS"] >= gpb and c.kwargs["BLOCK_N"] >= gpb]
-        size = max(16, gpb)
-        return fits[:1] or [triton.Config({"ROWS": size, "BLOCK_N": size, "BLOCK_D": 16},
-                                          num_warps=4, num_stages=1)]
+        return fits[:1] or [_fallback_config(gpb, g_tile, d_pad, interpreted=True)]
     row_groups, device = named_args["row_groups"], named_args["Q"].device
     elem = named_args["Q"].element_size()
     if quick_tuning():
