@@ -122,8 +122,9 @@ def check_qkv(q: object, k: object, v: object | None = None, layout: str = "bhsd
     if lq > lk:
         raise ValueError(f"{hint}q length ({lq}) must not exceed k length ({lk}): queries are the "
                          "last q_len positions of the context")
-    if k.shape[2] < k.shape[1]:
-        # [1, 4096, 8, 64] read as 4096 heads of 8 tokens is valid, and silently wrong.
+    if k.shape[2] < k.shape[1] and q.shape[2] < q.shape[1]:
+        # [1, 4096, 8, 64] read as 4096 heads of 8 tokens is valid, and silently wrong. Both q
+        # and k: decode (one query row, many keys) is a legitimate short q.
         warnings.warn(f"xattention: {hint or ''}k has a length axis ({lk}) shorter than its head "
                       f"axis ({hkv}) under layout={layout!r}; check the layout", UserWarning,
                       stacklevel=3)
