@@ -169,7 +169,8 @@ class Calibrator:
         rungs = budget_ladder(c.cost, c.feasible(min_recall), c.density, ladder)
         return search_budget(rungs, lambda b: self.allocate(b, min_recall, method),
                              lambda a: self.evaluate(self.thresholds(a)), acceptable,
-                             refine=refine, say=self.say, heads=len(c.keys))
+                             refine=refine, say=self.say, heads=len(c.keys),
+                             progress=self.config.progress)
 
     # ----------------------------------------------------------------------------------------
     def make_profile(
