@@ -205,3 +205,17 @@ def test_calibrated_layers_match_sparse_layers_at_the_calibration_length():
     assert calibrated_layers(model, seq_len=200) == [0, 1]
     assert calibrated_layers(model, seq_len=1000) == xt.sparse_layers(model, 1000) == []
     assert calibrated_layers(model, [-1], seq_len=200) == [0]
+
+
+def test_enable_names_a_missing_profile_and_takes_numpy_thresholds():
+    xt = pytest.importorskip("xattention.integrations.transformers")
+    from inputs import tiny_gemma3
+
+    model = tiny_gemma3()
+    with pytest.raises(ValueError, match="thresholds='nope.json': no such file"):
+        xt.enable(model, thresholds="nope.json")
+    with pytest.raises(TypeError, match="a profile file goes to thresholds=PATH"):
+        xt.enable(model, threshold="nope.json")
+    xt.enable(model, threshold=np.float32(0.8), backend="torch")  # a config read with numpy
+    assert model._xattention_state.thresholds[0] == pytest.approx(0.8)
+    xt.disable(model)
