@@ -25,7 +25,7 @@ _STATE = "_xattention_video_state"
 
 
 @dataclass
-class State:
+class XAttentionVideoState:
     """What ``enable`` attached to one transformer (shared by its processors and its hook)."""
 
     spec: ModelSpec
@@ -60,6 +60,9 @@ class State:
                               block_size=self.block_size)
 
 
+State = XAttentionVideoState  # its earlier name (processor.py and older imports)
+
+
 class _Structure:
     """What :meth:`ThresholdProfile.check_model` reads of a model, for a video transformer
     (whose config does not use the LLM names)."""
@@ -69,7 +72,7 @@ class _Structure:
 
 
 def _pre_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    state: State | None = getattr(model, _STATE, None)
+    state: XAttentionVideoState | None = getattr(model, _STATE, None)
     if state is None or not state.enabled:
         return
     bound = forward_arguments(model, args, kwargs)
@@ -163,7 +166,7 @@ def enable(
     table, stride, block_size = resolve_thresholds(
         threshold, thresholds, stride=stride, block_size=block_size, num_layers=num_layers,
         num_heads=heads.pop(), model=_Structure(structure))
-    state = State(spec=spec, stride=stride, block_size=block_size, backend=backend,
+    state = XAttentionVideoState(spec=spec, stride=stride, block_size=block_size, backend=backend,
                   warmup_steps=warmup_steps, thresholds=ThresholdTable(table),
                   dense_layers=layer_set(dense_layers, num_layers, "dense_layers",
                                          unit="transformer"),
@@ -182,7 +185,7 @@ def disable(transformer: torch.nn.Module) -> torch.nn.Module:
 
     A transformer that is not enabled is returned unchanged; :func:`last_stats` stays readable.
     """
-    state: State | None = getattr(transformer, _STATE, None)
+    state: XAttentionVideoState | None = getattr(transformer, _STATE, None)
     if state is None or not state.enabled:
         return transformer
     for module, proc in state.originals:
@@ -200,7 +203,7 @@ def is_enabled(transformer: torch.nn.Module) -> bool:
     return bool(state is not None and state.enabled)
 
 
-def _state(transformer: torch.nn.Module) -> State:
+def _state(transformer: torch.nn.Module) -> XAttentionVideoState:
     state = getattr(transformer, _STATE, None)
     if state is None:
         raise ValueError("xattention is not enabled on this transformer: call enable() first")
