@@ -131,3 +131,34 @@ def test_every_calibrate_option_has_help():
     missing = [a.option_strings for a in calibrate._actions
                if a.help is None and a.option_strings]
     assert not missing
+
+
+def test_calibrate_prints_json_only_when_verbose_and_its_warning_once(monkeypatch, capsys,
+                                                                       tmp_path):
+    import warnings
+
+    from xattention.calibration import cli as calibrate_cli
+    from xattention.calibration import run as calibrate_run
+
+    class _Profile:
+        measured = {"heldout_density": 0.5, "degenerate": True,
+                    "warnings": ["the profile is effectively dense"], "search": [1, 2, 3]}
+
+        def save(self, path):
+            pathlib_path = tmp_path / "saved"
+            pathlib_path.write_text(str(path))
+
+    def fake_calibrate(*args, **kwargs):
+        warnings.warn("calibration is degenerate", RuntimeWarning, stacklevel=2)
+        return _Profile()
+
+    monkeypatch.setattr(calibrate_cli, "load_model_and_tokenizer",
+                        lambda name, device=None: (None, None, name))
+    monkeypatch.setattr(calibrate_run, "calibrate", fake_calibrate)
+    argv = ["calibrate", "--model", "smollm2", "--out", str(tmp_path / "p.json"), "--no-progress"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "{" not in out and "wrote" in out and "0.500" in out
+    assert err.count("effectively dense") == 1 and "RuntimeWarning" not in err
+    assert main([*argv, "--verbose"]) == 0
+    assert '"search"' in capsys.readouterr().out
