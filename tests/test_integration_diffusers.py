@@ -364,7 +364,7 @@ class _NotATransformer:
     (dict(thresholds=[0.9]), ValueError, "2 rows"),
     (dict(thresholds=[[0.9, 0.9, 0.9], 0.9]), ValueError, r"thresholds\[0\]"),
     (dict(thresholds=[0.9, -1.0]), ValueError, r"thresholds\[1\]"),
-    (dict(thresholds="0.9"), TypeError, "thresholds"),
+    (dict(thresholds="0.9"), ValueError, "thresholds='0.9': no such file"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(estimate_dtype="fp8"), TypeError, "estimate_dtype"),
     (dict(estimate_dtype=torch.float16), ValueError, "estimate_dtype"),
@@ -420,3 +420,25 @@ def test_video_benchmark_runs_in_smoke_mode(tmp_path):
     assert all(0 < r["density"] <= 1 for r in result["attention"] + result["forward"])
     assert len(result["forward"]) == 3
     assert "cannot tell" in (tmp_path / "video.md").read_text()
+
+
+def test_profile_accepted(wan, tmp_path):
+    """A ThresholdProfile (or its path) goes to thresholds= as in the transformers switch; its
+    stride and block size are used. Once raised "must be a ThresholdProfile ... or a list"."""
+    from xattention.profile import ThresholdProfile
+
+    model, _ = wan
+    profile = ThresholdProfile(thresholds=[[0.7, 0.8], [0.9, 0.95]], stride=STRIDE,
+                               block_size=BS, model_config={"num_layers": 2, "num_q_heads": 2})
+    path = tmp_path / "video.json"
+    profile.save(path)
+    for given in (profile, path):
+        xd.enable(model, thresholds=given, backend="torch")
+        state = model._xattention_video_state
+        assert (state.stride, state.block_size) == (STRIDE, BS)
+        assert torch.allclose(state.thresholds[1], torch.tensor([0.9, 0.95]))
+    with pytest.raises(ValueError, match="block_size=32 contradicts"):
+        xd.enable(model, thresholds=profile, block_size=32)
+    wrong = ThresholdProfile(thresholds=[[0.9, 0.9]] * 3, stride=STRIDE, block_size=BS)
+    with pytest.raises(ValueError, match="layer count"):
+        xd.enable(model, thresholds=wrong)
