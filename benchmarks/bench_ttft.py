@@ -152,7 +152,7 @@ def bench_layers(model, tokenizer, length: int, layers: list[int], args) -> list
     from xattention.integrations.transformers import capture_attention_inputs
 
     ids = essay_ids(tokenizer, length).to(model.device)
-    caps = capture_attention_inputs(model, ids, layers=layers)
+    caps = capture_attention_inputs(model, ids, layers=layers, logits_to_keep=1)
     rows = []
     for layer in layers:
         q, k, v = (t.to(torch.bfloat16).contiguous() for t in caps[layer])

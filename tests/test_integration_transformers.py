@@ -90,7 +90,7 @@ def test_threshold_one_reproduces_sdpa_logits(smollm2):
     ids = _needle_prompt(tok).input_ids
     assert model.config._attn_implementation == "sdpa"
     ref = _logits(model, input_ids=ids)
-    xt.enable(model, threshold=1.0, block_size=BS, min_query_len=0, backend="torch")
+    xt.enable(model, threshold=1.0, block_size=BS, min_prefill_len=0, backend="torch")
     assert model.config._attn_implementation == "xattention"
     out = _logits(model, input_ids=ids)
     assert torch.allclose(out, ref, atol=2e-4, rtol=1e-4), (out - ref).abs().max()
@@ -122,8 +122,8 @@ def test_disable_restores(smollm2):
     model, tok = smollm2
     ids = _needle_prompt(tok, 4, 4).input_ids
     ref = _logits(model, input_ids=ids)
-    xt.enable(model, threshold=0.5, block_size=BS, min_query_len=0, backend="torch")
-    xt.enable(model, threshold=0.7, block_size=BS, min_query_len=0, backend="torch")  # re-enable
+    xt.enable(model, threshold=0.5, block_size=BS, min_prefill_len=0, backend="torch")
+    xt.enable(model, threshold=0.7, block_size=BS, min_prefill_len=0, backend="torch")  # re-enable
     assert xt.is_enabled(model)
     sparse = _logits(model, input_ids=ids)
     assert not torch.allclose(sparse, ref, atol=1e-3)
@@ -141,7 +141,7 @@ def test_chunked_prefill_and_padding_match_dense(smollm2):
     model, tok = smollm2
     ids = _needle_prompt(tok).input_ids
     ref = _logits(model, input_ids=ids)
-    xt.enable(model, threshold=1.0, block_size=BS, min_query_len=16, backend="torch")
+    xt.enable(model, threshold=1.0, block_size=BS, min_prefill_len=16, backend="torch")
     # Chunked prefill: the second chunk attends a KV cache (Lq < Lk).
     cache = transformers.DynamicCache(config=model.config)
     cut = ids.shape[1] - 150
@@ -160,7 +160,7 @@ def test_chunked_prefill_and_padding_match_dense(smollm2):
         enc = tok(texts, return_tensors="pt", padding=True)
         xt.disable(model)
         dense = _logits(model, **enc)
-        xt.enable(model, threshold=1.0, block_size=BS, min_query_len=16, backend="torch")
+        xt.enable(model, threshold=1.0, block_size=BS, min_prefill_len=16, backend="torch")
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             out = _logits(model, **enc)
@@ -178,7 +178,7 @@ def test_padded_generate_sparse_matches_dense(smollm2):
     gen = dict(max_new_tokens=4, do_sample=False)
     with torch.no_grad():
         dense = model.generate(**enc, **gen)
-    xt.enable(model, threshold=1.0, block_size=BS, min_query_len=16, backend="torch")
+    xt.enable(model, threshold=1.0, block_size=BS, min_prefill_len=16, backend="torch")
     with torch.no_grad():
         sparse = model.generate(**enc, **gen)
     assert torch.equal(sparse, dense)
@@ -215,7 +215,7 @@ def test_capture_attention_inputs(smollm2):
 
 
 @needs_smollm2
-def test_threshold_tables_dense_layers_and_min_query_len(smollm2):
+def test_threshold_tables_dense_layers_and_min_prefill_len(smollm2):
     model, tok = smollm2
     ids = _needle_prompt(tok).input_ids
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -230,7 +230,7 @@ def test_threshold_tables_dense_layers_and_min_query_len(smollm2):
     assert head[-1] == pytest.approx(1.0) and (head[:-1] < 1.0).all()
     assert stats.per_layer()[5] == pytest.approx(1.0)
 
-    xt.enable(model, threshold=0.5, block_size=BS, min_query_len=10_000, backend="torch")
+    xt.enable(model, threshold=0.5, block_size=BS, min_prefill_len=10_000, backend="torch")
     _logits(model, input_ids=ids)
     assert all(s.sparse_calls == 0 for s in xt.last_stats(model).layers.values())
 
@@ -259,7 +259,7 @@ def test_threshold_profile_accepted(smollm2):
                                     "head_dim": 64})
     except TypeError:
         profile = calibration.ThresholdProfile(**kwargs)
-    xt.enable(model, profile, backend="torch")
+    xt.enable(model, thresholds=profile, backend="torch")
     state = model._xattention_state
     assert state.block_size == BS and state.stride == 8
     assert torch.allclose(torch.as_tensor(state.thresholds[0], dtype=torch.float32),
@@ -289,7 +289,7 @@ def test_gemma3_sliding_layers_left_alone():
     model = tiny_gemma3()
     ids = torch.randint(1, 128, (1, 200))  # 0 is the pad id: no holes in the mask
     ref = _logits(model, input_ids=ids)
-    xt.enable(model, threshold=1.0, block_size=32, stride=8, min_query_len=0, backend="torch")
+    xt.enable(model, threshold=1.0, block_size=32, stride=8, min_prefill_len=0, backend="torch")
     out = _logits(model, input_ids=ids)
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     stats = xt.last_stats(model)
@@ -298,7 +298,7 @@ def test_gemma3_sliding_layers_left_alone():
     with torch.no_grad():
         g_ref_model = tiny_gemma3()
         dense = g_ref_model.generate(ids[:, :120], max_new_tokens=5, do_sample=False)
-        xt.enable(model, threshold=0.9, block_size=32, stride=8, min_query_len=0,
+        xt.enable(model, threshold=0.9, block_size=32, stride=8, min_prefill_len=0,
                   backend="torch")
         sparse = model.generate(ids[:, :120], max_new_tokens=5, do_sample=False)
     assert sparse.shape == dense.shape
@@ -317,7 +317,7 @@ def test_unsupported_mask_falls_back_with_one_warning():
     mask = (pos[None, :] <= pos[:, None]) & (doc[None, :] == doc[:, None])
     mask4 = mask[None, None]
     ref = _logits(model, input_ids=ids, attention_mask=mask4)
-    xt.enable(model, threshold=0.5, block_size=32, min_query_len=0, backend="torch")
+    xt.enable(model, threshold=0.5, block_size=32, min_prefill_len=0, backend="torch")
     _backend._warned.clear()
     with pytest.warns(RuntimeWarning, match="dense"):
         out = _logits(model, input_ids=ids, attention_mask=mask4)
@@ -373,7 +373,7 @@ def test_fp8_estimate_option_reaches_every_layer(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attention, "xattention", spy)
-    xt.enable(model, threshold=0.9, block_size=32, stride=8, min_query_len=0, backend="torch",
+    xt.enable(model, threshold=0.9, block_size=32, stride=8, min_prefill_len=0, backend="torch",
               estimate_dtype=torch.float8_e4m3fn)
     out = _logits(model, input_ids=ids)
     assert torch.isfinite(out).all()

@@ -18,7 +18,7 @@ xt = pytest.importorskip("xattention.integrations.transformers")
 from xattention import _backend  # noqa: E402  (after the importorskip above)
 
 ATOL = 1e-5  # float32 logits of O(1), a handful of layers
-XA = dict(block_size=16, stride=4, min_query_len=0, backend="torch")
+XA = dict(block_size=16, stride=4, min_prefill_len=0, backend="torch")
 
 
 def _tiny(config):

@@ -17,7 +17,7 @@ xt = pytest.importorskip("xattention.integrations.transformers")
 from xattention import xattention  # noqa: E402
 from xattention.profile import ThresholdProfile  # noqa: E402
 
-XA = dict(block_size=16, stride=4, min_query_len=0, backend="torch")
+XA = dict(block_size=16, stride=4, min_prefill_len=0, backend="torch")
 
 
 def _tiny_llama():
@@ -64,7 +64,7 @@ def test_profile_path_goes_through_thresholds(llama, tmp_path):
                                block_size=16)
     path = tmp_path / "p.json"
     profile.save(path)
-    xt.enable(llama, thresholds=str(path), min_query_len=0, backend="torch")
+    xt.enable(llama, thresholds=str(path), min_prefill_len=0, backend="torch")
     state = llama._xattention_state
     assert (state.stride, state.block_size) == (4, 16)
     assert torch.equal(state.thresholds[2], torch.full((4,), 0.7))

@@ -31,8 +31,8 @@ GGUF_NAME=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 pack() {
     set -e
     export XATTENTION_CACHE=${RULER_CACHE:-$PWD/.ruler_cache}
-    xattention eval prepare --model $MODEL --lengths 4096 8192 16384 --samples 40
-    xattention eval prepare --model $MODEL --lengths 32768 --samples 24
+    xattention eval prepare --model $MODEL --length 4096 8192 16384 --samples 40
+    xattention eval prepare --model $MODEL --length 32768 --samples 24
     local gguf; gguf=$(python -c "from xattention.eval.models import gguf_path; print(gguf_path('$MODEL'))")
     # A call carries the checkout too: size the pieces to what is left of 64 MiB (measured
     # before the staging folder exists, which git would count as untracked).
@@ -81,7 +81,7 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s)
     for w in "${WORKERS[@]}"; do
         IFS='|' read -r name lengths samples batches file <<< "$w"
         CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup python3 -m xattention eval ruler \
-            --model $MODEL --lengths $lengths --samples $samples --batch-size $batches \
+            --model $MODEL --length $lengths --samples $samples --batch-size $batches \
             --methods $METHODS --tasks default --device cuda --dtype bfloat16 --backend triton \
             --time-limit "${EVAL_MINUTES:-12}" --out "$X/results/$file.jsonl" \
             > "$X/logs/worker-$name.log" 2>&1 < /dev/null &
@@ -132,7 +132,7 @@ dry_run() {  # the device path on the CPU, small: catches path and option errors
     local out; out=$(mktemp -d)
     # qa_2 (HotpotQA) cannot be built this short; its path is qa_1's.
     local tasks; tasks=$(python -c "from xattention.eval.ruler import DEFAULT_TASKS as t; print(*[x for x in t if x != 'qa_2'])")
-    python -m xattention eval ruler --model qwen2.5-0.5b --lengths 2048 3072 --samples 2 3072=1 \
+    python -m xattention eval ruler --model qwen2.5-0.5b --length 2048 3072 --samples 2 3072=1 \
         --batch-size 2 --methods $METHODS --tasks $tasks --device cpu \
         --dtype float32 --backend auto --max-new-tokens 8 --out "$out/dry.jsonl" --no-progress
     python -m xattention eval report "$out/dry.jsonl" --out "$out"

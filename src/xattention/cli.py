@@ -15,7 +15,67 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-__all__ = ["build_parser", "main"]
+__all__ = ["HelpFormatter", "Parser", "add_length", "build_parser", "main", "non_negative_int",
+           "positive_float", "positive_int"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not for options without one (None, a flag's False),
+    and not where the help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the CLI: no prefix matching (``--threshold 2`` must not become
+    ``--thresholds``) and defaults shown once. Subparsers inherit the class."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def _number_type(name: str, convert: type, ok: object, wants: str) -> object:
+    def parse(text: str) -> object:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wants}, got {text!r}") from None
+        if not ok(value):  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(f"expected {wants}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type by it ("invalid positive integer value")
+    return parse
+
+
+positive_int = _number_type("positive integer", int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number_type("non-negative integer", int, lambda v: v >= 0,
+                                "an integer >= 0")
+positive_float = _number_type("positive number", float,
+                              lambda v: v > 0 and v != float("inf"), "a finite number > 0")
+
+
+def add_length(parser: argparse.ArgumentParser, *, default: object, help: str,
+               multiple: bool = False, old: tuple[str, ...] = (), **kwargs: object) -> None:
+    """The one length option of every subcommand, ``--length`` (tokens), saved as ``length``.
+
+    ``multiple``: one or more lengths (``--length 2048 4096``). ``old``: earlier spellings
+    (``--seq-len``, ``--lengths``, ``--tokens``), still accepted and hidden from ``--help``.
+    """
+    nargs = "+" if multiple else None
+    kind = kwargs.pop("type", positive_int)
+    parser.add_argument("--length", dest="length", type=kind, nargs=nargs, default=default,
+                        help=help, **kwargs)
+    for spelling in old:
+        parser.add_argument(spelling, dest="length", type=kind, nargs=nargs,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -76,7 +136,7 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.
     ``command``'s module; the others are listed by name and summary (enough for ``--help`` and
     for argparse to reject an unknown command).
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="xattention",
         description="XAttention: block-sparse attention chosen by antidiagonal scoring.",
     )

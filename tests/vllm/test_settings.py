@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from xattention.calibration import ThresholdProfile
 from xattention.integrations.vllm.settings import check_against_model, settings_from_env
@@ -12,16 +13,24 @@ from xattention.integrations.vllm.settings import check_against_model, settings_
 
 def test_defaults():
     s = settings_from_env({})
-    assert (s.threshold, s.stride, s.block_size, s.min_prefill) == (0.9, 8, 128, 128)
+    assert (s.threshold, s.stride, s.block_size, s.min_prefill_len) == (0.9, 8, 128, 128)
     assert s.thresholds is None and s.dense_layers == () and s.stats_dir is None
-    assert settings_from_env({"XATTENTION_BLOCK_SIZE": "64"}).min_prefill == 64
-    assert not s.fp8_estimate
+    assert settings_from_env({"XATTENTION_BLOCK_SIZE": "64"}).min_prefill_len == 64
+    assert s.estimate_dtype is None
 
 
 @pytest.mark.parametrize(("raw", "fp8"), [("fp8", True), (" FP8 ", True), ("exact", False),
                                           ("", False)])
-def test_fp8_estimate_setting(raw, fp8):
-    assert settings_from_env({"XATTENTION_ESTIMATE": raw}).fp8_estimate is fp8
+def test_estimate_dtype_setting(raw, fp8):
+    expected = torch.float8_e4m3fn if fp8 else None
+    assert settings_from_env({"XATTENTION_ESTIMATE": raw}).estimate_dtype is expected
+
+
+def test_old_min_prefill_name_is_read_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="XATTENTION_MIN_PREFILL_LEN"):
+        assert settings_from_env({"XATTENTION_MIN_PREFILL": "300"}).min_prefill_len == 300
+    with pytest.raises(ValueError, match="XATTENTION_MIN_PREFILL_LEN only"):
+        settings_from_env({"XATTENTION_MIN_PREFILL": "300", "XATTENTION_MIN_PREFILL_LEN": "9"})
 
 
 @pytest.mark.parametrize("env, name", [
@@ -32,7 +41,7 @@ def test_fp8_estimate_setting(raw, fp8):
     ({"XATTENTION_STRIDE": "5"}, "XATTENTION_STRIDE"),
     ({"XATTENTION_STRIDE": "0"}, "XATTENTION_STRIDE"),
     ({"XATTENTION_BLOCK_SIZE": "1.5"}, "XATTENTION_BLOCK_SIZE"),
-    ({"XATTENTION_MIN_PREFILL": "1"}, "XATTENTION_MIN_PREFILL"),
+    ({"XATTENTION_MIN_PREFILL_LEN": "1"}, "XATTENTION_MIN_PREFILL_LEN"),
     ({"XATTENTION_DENSE_LAYERS": "0,one"}, "XATTENTION_DENSE_LAYERS"),
     ({"XATTENTION_PROFILE": "/nonexistent/profile.json"}, "XATTENTION_PROFILE"),
     ({"XATTENTION_ESTIMATE": "bf16"}, "XATTENTION_ESTIMATE"),
@@ -51,7 +60,7 @@ def _profile(tmp_path, layers=30, heads=9, stride=8, block_size=128):
 
 def test_profile_sets_thresholds_stride_and_block_size(tmp_path):
     s = settings_from_env({"XATTENTION_PROFILE": _profile(tmp_path, stride=16, block_size=64)})
-    assert (s.stride, s.block_size, s.min_prefill) == (16, 64, 64)
+    assert (s.stride, s.block_size, s.min_prefill_len) == (16, 64, 64)
     assert s.threshold_for(3) == (0.9,) * 9
 
 

@@ -62,7 +62,8 @@ class Calibrator:
         self.grid = cfg.thresholds
         layers = cfg.layers
         if layers is None:
-            layers = calibrated_layers(model, cfg.enable_kwargs.get("dense_layers", ()))
+            layers = calibrated_layers(model, cfg.enable_kwargs.get("dense_layers", ()),
+                                       cfg.seq_len)
         self.layers = sorted({int(x) for x in layers})
         if not self.layers or any(not 0 <= x < self.n_layers for x in self.layers):
             raise ValueError(f"layers must be a non-empty list in [0, {self.n_layers}), got "
@@ -168,7 +169,8 @@ class Calibrator:
         rungs = budget_ladder(c.cost, c.feasible(min_recall), c.density, ladder)
         return search_budget(rungs, lambda b: self.allocate(b, min_recall, method),
                              lambda a: self.evaluate(self.thresholds(a)), acceptable,
-                             refine=refine, say=self.say, heads=len(c.keys))
+                             refine=refine, say=self.say, heads=len(c.keys),
+                             progress=self.config.progress)
 
     # ----------------------------------------------------------------------------------------
     def make_profile(

@@ -8,7 +8,7 @@ Example::
         --reference-threshold 0.9 --out smollm2_profile.json
 
     # prose windows of the haystack, KL on their last 1024 tokens
-    xattention calibrate --model smollm2 --data prose --seq-len 4096 --calib-windows 2 \\
+    xattention calibrate --model smollm2 --data prose --length 4096 --calib-windows 2 \\
         --heldout-windows 1 --out smollm2_prose_profile.json
 """
 
@@ -17,7 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import warnings
 from typing import Any
+
+from ..cli import add_length, non_negative_int, positive_float, positive_int
 
 
 def register_cli(subparsers: Any) -> None:
@@ -44,50 +48,74 @@ def register_cli(subparsers: Any) -> None:
                    help="calibration text file (repeatable); default: the Paul Graham haystack")
     p.add_argument("--heldout-text", action="append", default=None, metavar="FILE",
                    help="held-out text file (repeatable); default: other windows of --text")
-    p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=4096,
-                   help="tokens per window (retrieval: the prompt length of the tasks)")
-    p.add_argument("--calib-windows", type=int, default=None,
+    p.add_argument("--stride", type=positive_int, default=8,
+                   help="antidiagonal stride of the estimate (divides --block-size)")
+    p.add_argument("--block-size", type=positive_int, default=128,
+                   help="block edge of the sparsity pattern")
+    add_length(p, default=4096, old=("--seq-len",),
+               help="tokens per window (retrieval: the prompt length of the tasks)")
+    p.add_argument("--calib-windows", type=positive_int, default=None,
                    help="windows to calibrate on (default: 2 prose / 16 retrieval)")
-    p.add_argument("--heldout-windows", type=int, default=None,
+    p.add_argument("--heldout-windows", type=positive_int, default=None,
                    help="windows to verify on (default: 1 prose / 16 retrieval)")
-    p.add_argument("--eval-tokens", type=int, default=1024,
+    p.add_argument("--eval-tokens", type=positive_int, default=1024,
                    help="prose only: held-out KL/loss over the last this-many positions")
     g = p.add_argument_group("budget")
-    g.add_argument("--min-recall", type=float, default=0.8,
-                   help="per-head floor on the recall of true attention mass (default 0.8)")
-    g.add_argument("--max-kl", type=float, default=None,
+    g.add_argument("--min-recall", type=positive_float, default=0.8,
+                   help="per-head floor on the recall of true attention mass")
+    g.add_argument("--max-kl", type=positive_float, default=None,
                    help="bound on held-out mean KL(dense||sparse) per token, nats")
     g.add_argument("--max-loss-increase", type=float, default=None,
                    help="bound on the held-out next-token loss increase, nats")
-    g.add_argument("--reference-threshold", type=float, default=0.9,
+    g.add_argument("--reference-threshold", type=positive_float, default=0.9,
                    help="without --max-kl/--max-loss-increase: bound the held-out KL by what "
-                        "this uniform threshold achieves (default 0.9)")
-    g.add_argument("--proxy", choices=("output_error", "lost_mass"), default="output_error")
-    g.add_argument("--proxy-budget", type=float, default=None,
+                        "this uniform threshold achieves")
+    g.add_argument("--proxy", choices=("output_error", "lost_mass"), default="output_error",
+                   help="per-head cost the allocation trades against density: the attention "
+                        "output's error or the attention mass left out")
+    g.add_argument("--proxy-budget", type=positive_float, default=None,
                    help="fix the summed proxy budget instead of searching it")
     p.add_argument("--grid", default=None,
                    help="comma-separated thresholds to consider (default: 1.0, 0.995 ... 0.92, "
                         "then 0.9 * 0.9**s down to 0.28)")
-    p.add_argument("--grid-ratio", type=float, default=None,
+    p.add_argument("--grid-ratio", type=positive_float, default=None,
                    help="use the geometric grid --grid-start * ratio**s instead (paper: 0.9)")
-    p.add_argument("--grid-start", type=float, default=1.0)
-    p.add_argument("--grid-steps", type=int, default=13)
-    p.add_argument("--method", choices=("dp", "lagrangian"), default="dp")
-    p.add_argument("--ladder", type=int, default=24,
+    p.add_argument("--grid-start", type=positive_float, default=1.0,
+                   help="first threshold of the --grid-ratio grid")
+    p.add_argument("--grid-steps", type=positive_int, default=13,
+                   help="thresholds in the --grid-ratio grid")
+    p.add_argument("--method", choices=("dp", "lagrangian"), default="dp",
+                   help="allocation under a budget: exact dynamic programme or Lagrangian "
+                        "relaxation")
+    p.add_argument("--ladder", type=positive_int, default=24,
                    help="budgets on the geometric ladder the held-out search bisects")
-    p.add_argument("--refine", type=int, default=2,
+    p.add_argument("--refine", type=non_negative_int, default=2,
                    help="extra bisection probes after the ladder search")
     p.add_argument("--layers", default=None,
                    help="comma-separated layers to calibrate (others stay dense)")
     p.add_argument("--seed", type=int, default=0,
                    help="window choice / retrieval generator seed (keep it apart from the "
                         "evaluation's 42)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="XAttention implementation (see xattention.xattention)")
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the profile's measurements (JSON) when done")
     p.set_defaults(func=_main)
+
+
+def check_model_name(name: str) -> None:
+    """A known model name, a model directory or a ``.gguf`` file; anything else is a ValueError
+    listing the known models (not a hub id: the hub would be retried for a minute, offline, and
+    a typo such as ``smolm2`` would end in a long traceback)."""
+    from ..eval.models import MODELS
+
+    if name in MODELS or os.path.isdir(name) or (name.endswith(".gguf") and os.path.isfile(name)):
+        return
+    what = "no such .gguf file" if name.endswith(".gguf") else "not a known model or a directory"
+    raise ValueError(f"--model {name!r}: {what}; known models: {', '.join(sorted(MODELS))} (or "
+                     "a model directory, or a .gguf file)")
 
 
 def load_model_and_tokenizer(name: str, device: str | None = None) -> tuple[Any, Any, str]:
@@ -96,6 +124,7 @@ def load_model_and_tokenizer(name: str, device: str | None = None) -> tuple[Any,
 
     from ..eval.models import MODELS
 
+    check_model_name(name)
     if name in MODELS:
         from ..eval.models import load_model
 
@@ -151,7 +180,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         config = CalibrationConfig(
             data=args.data, tasks=args.tasks, chat=chat, stride=args.stride,
-            block_size=args.block_size, seq_len=args.seq_len, calib_windows=args.calib_windows,
+            block_size=args.block_size, seq_len=args.length, calib_windows=args.calib_windows,
             heldout_windows=args.heldout_windows, eval_tokens=args.eval_tokens,
             min_recall=args.min_recall, max_kl=args.max_kl,
             max_loss_increase=args.max_loss_increase,
@@ -160,16 +189,24 @@ def _main(args: argparse.Namespace) -> int:
             refine=args.refine, layers=_numbers(args.layers, int, "layers"),
             model_id=args.model, seed=args.seed, backend=args.backend,
             progress=not args.no_progress)
+        check_model_name(args.model)
     except (TypeError, ValueError) as exc:  # checked before minutes of model loading
-        raise SystemExit(f"xattention calibrate: {exc}") from None
+        raise SystemExit(f"xattention calibrate: error: {exc}") from None
     model, tok, _ = load_model_and_tokenizer(args.model, args.device)
-    profile = calibrate(model, tok, _read(args.text), config,
-                        heldout_texts=_read(args.heldout_text))
+    with warnings.catch_warnings():
+        # The profile's warnings are printed once below, as a line of the report; the Python
+        # warning (with its source line) is for library callers.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        profile = calibrate(model, tok, _read(args.text), config,
+                            heldout_texts=_read(args.heldout_text))
     profile.save(args.out)
     summary = {k: v for k, v in profile.measured.items() if k != "per_layer_calib"}
-    print(json.dumps(summary, indent=1, default=str))
-    if summary["warnings"]:
-        print(("WARNING: this profile is degenerate: " if summary["degenerate"] else
-               "WARNING: ") + "; ".join(summary["warnings"]))
-    print(f"wrote {args.out}")
+    if args.verbose:
+        print(json.dumps(summary, indent=1, default=str))
+    if summary.get("warnings"):
+        print(("WARNING: this profile is degenerate: " if summary.get("degenerate") else
+               "WARNING: ") + "; ".join(summary["warnings"]), file=sys.stderr)
+    density = summary.get("heldout_density", summary.get("density"))
+    print(f"wrote {args.out}" + (f" (held-out density {density:.3f})"
+                                 if isinstance(density, float) else ""))
     return 0

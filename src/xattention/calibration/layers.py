@@ -1,9 +1,11 @@
 """Which layers of a model are calibrated, and their softmax scales.
 
-The model's layers are read through the transformers integration (its ``attention_layers`` and
-sliding-layer detection), so calibration covers exactly the layers that ``enable()`` runs with
-XAttention: every attention layer except sliding-window ones (left to their own local attention)
-and ``dense_layers``.
+The model's layers are read through the transformers integration
+(:func:`~xattention.integrations.transformers.model_info.sparse_layers`), so calibration covers
+exactly the layers that ``enable()`` runs with XAttention at the calibration length: every
+attention layer except ``dense_layers`` and windowed layers whose window is shorter than that
+context (a window that covers the context is plain causal attention, which ``enable()``
+sparsifies).
 """
 
 from __future__ import annotations
@@ -30,15 +32,11 @@ def integration() -> Any:
     return xt
 
 
-def calibrated_layers(model: Any, dense_layers: Sequence[int] = ()) -> list[int]:
-    """Layers the integration runs with XAttention (ascending): attention layers that are not
-    sliding-window layers, less ``dense_layers`` (negative indices count from the end)."""
-    xt = integration()
-    found = xt.attention_layers(model)
-    sliding = xt.sliding_layers(model)
-    n_layers = max(found, default=-1) + 1
-    dense = {int(i) % n_layers for i in dense_layers} if n_layers else set()
-    return [i for i in sorted(found) if i not in sliding and i not in dense]
+def calibrated_layers(model: Any, dense_layers: Sequence[int] = (),
+                      seq_len: int | None = None) -> list[int]:
+    """Layers ``enable(model, dense_layers=...)`` runs with XAttention at a context of
+    ``seq_len`` tokens (ascending); ``None``: at any length (windowed layers left out)."""
+    return integration().sparse_layers(model, seq_len, dense_layers)
 
 
 def layer_scales(model: Any) -> dict[int, float]:

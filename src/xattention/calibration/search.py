@@ -66,11 +66,13 @@ def search_budget(
     refine: int = 2,
     say: Callable[[str], None] = lambda _msg: None,
     heads: int = 1,
+    progress: bool = False,
 ) -> SearchResult:
     """Bisect ``ladder`` for the largest budget whose allocation is ``acceptable`` on held-out
     windows, then ``refine`` geometric bisections between the last accepted and first rejected
     budget. The cheapest rung is taken as acceptable without a probe (it is what the bound is
-    relative to); it is probed at the end if it is the answer.
+    relative to); it is probed at the end if it is the answer. ``progress`` shows a bar of the
+    probes (each one a held-out evaluation, seconds to minutes).
 
     Rungs that give the same allocation as a smaller one are dropped, so every probe runs a
     different threshold table. The search assumes held-out loss grows with the budget (true of
@@ -90,9 +92,16 @@ def search_budget(
     distinct = len(allocs)
     evals: dict[int, dict[str, float]] = {}
     log: list[dict[str, Any]] = []
+    from tqdm.auto import tqdm
+
+    # bisection probes, the refinements, and possibly the cheapest rung at the end
+    expected = math.ceil(math.log2(max(distinct, 1))) + refine + 1
+    bar = tqdm(total=expected, desc="calibrate: budget search", unit="probe",
+               disable=not progress, leave=False)
 
     def probe(i: int) -> bool:
         m = evaluate(allocs[i])
+        bar.update(1)
         evals[i] = m
         ok = acceptable(m)
         log.append({"budget": budgets[i], "calib_density": allocs[i].density / heads, **m,
@@ -126,6 +135,7 @@ def search_budget(
             hi_i = len(budgets) - 1
     if lo_i not in evals:
         probe(lo_i)
+    bar.close()
     return SearchResult(allocs[lo_i], budgets[lo_i], evals[lo_i], log, distinct)
 
 

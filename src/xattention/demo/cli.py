@@ -7,21 +7,13 @@ import math
 import os
 import sys
 
+from ..cli import _number_type, add_length, positive_int
+
 DEFAULT_OUT = "xattention_demo.png"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"thresholds must be finite and > 0, got {text}")
-    return value
+_threshold = _number_type("threshold", float, lambda v: v > 0 and math.isfinite(v),
+                          "a finite threshold > 0")
 
 
 def register_cli(subparsers) -> None:
@@ -32,25 +24,26 @@ def register_cli(subparsers) -> None:
         description="Run dense causal attention and XAttention on seeded, LLM-like Q/K/V "
         "(sinks, local windows, vertical keys, slash lines, topic retrieval, noise); print "
         "density, output error, attention-mass recall and time, and draw the block masks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--seq-len", type=_positive_int, default=4096, help="tokens (Lq = Lk)")
-    p.add_argument("--heads", type=_positive_int, default=8, help="query heads")
-    p.add_argument("--kv-heads", type=_positive_int, default=2, help="key/value heads (GQA)")
-    p.add_argument("--head-dim", type=_positive_int, default=64)
+    add_length(p, default=4096, help="tokens (Lq = Lk)", old=("--seq-len",))
+    p.add_argument("--heads", type=positive_int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=positive_int, default=2, help="key/value heads (GQA)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="size of each head")
     p.add_argument("--thresholds", type=_threshold, nargs="+", default=[0.9, 0.95],
                    metavar="T", help="XAttention thresholds, one table row each")
-    p.add_argument("--stride", type=_positive_int, default=8, help="antidiagonal stride")
-    p.add_argument("--block-size", type=_positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--stride", type=positive_int, default=8, help="antidiagonal stride")
+    p.add_argument("--block-size", type=positive_int, default=128,
+                   help="block edge of the sparsity pattern")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic Q/K/V")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
                    default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="XAttention implementation")
-    p.add_argument("--repeats", type=_positive_int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed runs per method, median reported (default: 3 on CPU, 10 on CUDA)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads torch uses during the run (default: torch's setting)")
     p.add_argument("--out", default=DEFAULT_OUT, help="PNG to write ('' for none)")
     p.add_argument("--plot-head", type=int, default=0, help="query head shown in the PNG")
@@ -63,7 +56,7 @@ def _main(args: argparse.Namespace) -> int:
 
     try:
         result = run_demo(
-            seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
+            seq_len=args.length, heads=args.heads, kv_heads=args.kv_heads,
             head_dim=args.head_dim, thresholds=args.thresholds, stride=args.stride,
             block_size=args.block_size, seed=args.seed, device=args.device, dtype=args.dtype,
             backend=args.backend, repeats=args.repeats, threads=args.threads,

@@ -1,11 +1,11 @@
 """``xattention eval ...``: the RULER-style suite, the attention-fidelity tool and the report.
 
-    xattention eval ruler --model smollm2 --lengths 2048 4096 --samples 10 \\
+    xattention eval ruler --model smollm2 --length 2048 4096 --samples 10 \\
         --thresholds 0.8 0.9 0.95 --strides 8 16 --out eval/results/smollm2.jsonl
     xattention eval fidelity --model smollm2 --length 4096 --layers 0 8 16 24 \\
         --out eval/results/fidelity-smollm2
     xattention eval report eval/results/*.jsonl --out eval/results
-    xattention eval prepare --model gemma3 --lengths 8192 16384 --samples 24
+    xattention eval prepare --model gemma3 --length 8192 16384 --samples 24
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..cli import add_length
 from .models import MODELS  # no torch or transformers: help stays fast
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -28,7 +29,8 @@ def register_cli(subparsers: Any) -> None:
 
     r = actions.add_parser("ruler", help="run the RULER-style suite")
     r.add_argument("--model", choices=tuple(MODELS), default="smollm2")
-    r.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    add_length(r, default=[2048, 4096], multiple=True, old=("--lengths",),
+               help="prompt lengths in tokens, one or more")
     r.add_argument("--tasks", nargs="+", default=None,
                    help="RULER task names, or 'all', 'default', 'cpu' (default: default)")
     r.add_argument("--samples", type=_per_length_arg, nargs="+", default=[10],
@@ -77,7 +79,8 @@ def register_cli(subparsers: Any) -> None:
                     "machine without the generators' dependencies (or with a transformers "
                     "release that mis-converts the tokenizer) only reads them.")
     g.add_argument("--model", choices=tuple(MODELS), default="smollm2")
-    g.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    add_length(g, default=[2048, 4096], multiple=True, old=("--lengths",),
+               help="prompt lengths in tokens, one or more")
     g.add_argument("--tasks", nargs="+", default=None)
     g.add_argument("--samples", type=int, default=10)
     g.add_argument("--seed", type=int, default=42)
@@ -85,7 +88,7 @@ def register_cli(subparsers: Any) -> None:
 
     f = actions.add_parser("fidelity", help="per-head recall / output error / density vs threshold")
     f.add_argument("--model", choices=tuple(MODELS), default="smollm2")
-    f.add_argument("--length", type=int, default=4096)
+    add_length(f, default=4096, help="prompt length in tokens")
     f.add_argument("--layers", type=int, nargs="+", default=None,
                    help="layer indices (default: 4 spread over the full-attention layers)")
     f.add_argument("--thresholds", type=float, nargs="+", default=None)
@@ -170,12 +173,12 @@ def _ruler(args: argparse.Namespace) -> int:
         methods.append(Method.from_profile(path, label or None))
     if not methods:
         raise SystemExit("nothing to run: --no-full and --no-grid without --profile")
-    run_suite(args.model, args.lengths, _tasks(args.tasks), methods,
-              num_samples=_per_length(args.samples, args.lengths),
+    run_suite(args.model, args.length, _tasks(args.tasks), methods,
+              num_samples=_per_length(args.samples, args.length),
               seed=args.seed, out=args.out, device=args.device, dtype=_dtype(args.dtype),
               backend=args.backend, max_new_tokens=args.max_new_tokens,
               progress=not args.no_progress,
-              batch_size=_per_length(args.batch_size, args.lengths),
+              batch_size=_per_length(args.batch_size, args.length),
               round_samples=args.round_samples,
               time_limit_s=None if args.time_limit is None else args.time_limit * 60)
     if args.report:
@@ -192,7 +195,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from .models import MODELS, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    jobs = [(length, task) for length in args.lengths for task in _tasks(args.tasks)]
+    jobs = [(length, task) for length in args.length for task in _tasks(args.tasks)]
     for length, task in tqdm(jobs, desc=f"{args.model} RULER samples"):
         ruler.generate_samples(task, length, args.samples, tokenizer, seed=args.seed,
                                chat=MODELS[args.model].chat)

@@ -163,7 +163,8 @@ class XAttentionProcessor:
         if video[1] <= video[0]:
             return None
         batch, heads, length = q.shape[0], q.shape[1], video[1] - video[0]
-        if state.step < state.warmup_steps or self.layer in state.dense_layers:
+        if (state.step < state.warmup_steps or self.layer in state.dense_layers
+                or length < state.min_prefill_len):
             state.record(self.layer, None, batch, heads, length)
             return None
         keys = key_padding(attn_mask, batch, n, n)

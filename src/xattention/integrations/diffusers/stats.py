@@ -3,8 +3,8 @@
 Density counts blocks of the video x video region only (non-causal: every block is a candidate):
 kept blocks over all blocks, 1.0 for a dense call (warm-up steps, ``dense_layers``). Text rows and
 columns are always computed and are not counted. Each step holds an
-:class:`xattention.integrations.transformers.AttentionStats` (the LLM switch's per-layer record),
-so both integrations read the same way.
+:class:`xattention.integrations._common.stats.AttentionStats` (the per-layer record every
+integration keeps, counted on the device), so all integrations read the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..transformers import AttentionStats
+from .._common.stats import AttentionStats
 
 
 @dataclass
@@ -42,6 +42,13 @@ class VideoAttentionStats:
         self.steps.setdefault(step, AttentionStats()).add(layer, kept, total, sparse=sparse,
                                                           q_len=length, k_len=length)
 
+    def record(self, step: int, layer: int, mask: torch.Tensor | None, *, batch: int,
+               heads: int, length: int, block_size: int) -> None:
+        """Count one call's video block mask ``[B, H, nB, nB]`` (None: dense, all kept)."""
+        self.steps.setdefault(step, AttentionStats()).record(
+            layer, mask, q_len=length, k_len=length, block_size=block_size, causal=False,
+            heads=heads, batch=batch)
+
     def per_step(self) -> dict[int, float]:
         """``{step: density over all layers}``."""
         return {s: self.steps[s].overall() for s in sorted(self.steps)}
@@ -51,9 +58,10 @@ class VideoAttentionStats:
         kept: dict[int, float] = {}
         total: dict[int, float] = {}
         for s in self._chosen(steps):
-            for layer, entry in self.steps[s].layers.items():
-                kept[layer] = kept.get(layer, 0.0) + float(entry.kept.sum())
-                total[layer] = total.get(layer, 0.0) + entry.total * entry.kept.numel()
+            for layer in self.steps[s].layers:
+                k, t = self.steps[s].kept_and_total([layer])
+                kept[layer] = kept.get(layer, 0.0) + k
+                total[layer] = total.get(layer, 0.0) + t
         return {i: kept[i] / total[i] for i in sorted(kept) if total[i]}
 
     def per_step_layer(self) -> dict[int, dict[int, float]]:
@@ -68,9 +76,9 @@ class VideoAttentionStats:
         """Density over the given steps (default: all recorded) and all layers."""
         kept = total = 0.0
         for s in self._chosen(steps):
-            for entry in self.steps[s].layers.values():
-                kept += float(entry.kept.sum())
-                total += entry.total * entry.kept.numel()
+            k, t = self.steps[s].kept_and_total()
+            kept += k
+            total += t
         return kept / total if total else float("nan")
 
     def dense_steps(self) -> list[int]:

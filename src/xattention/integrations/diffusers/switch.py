@@ -8,10 +8,15 @@ from typing import Any
 
 import torch
 
-from ..._validation import check_backend, check_estimate_dtype
-from ..transformers.thresholds import threshold_table
+from ..._validation import check_backend, check_bool, check_estimate_dtype
+from .._common.layers import layer_set
+from .._common.options import (
+    check_min_prefill_len,
+    check_non_negative_int,
+    check_optional_block_params,
+)
+from .._common.thresholds import LayerThreshold, ThresholdTable, resolve_thresholds
 from .models import ModelSpec, spec_for
-from .options import block_params, layer_set, non_negative_int
 from .processor import XAttentionProcessor, check_redirectable, wrapper_class
 from .stats import VideoAttentionStats
 from .steps import StepCounter, forward_arguments
@@ -20,7 +25,7 @@ _STATE = "_xattention_video_state"
 
 
 @dataclass
-class State:
+class XAttentionVideoState:
     """What ``enable`` attached to one transformer (shared by its processors and its hook)."""
 
     spec: ModelSpec
@@ -28,9 +33,10 @@ class State:
     block_size: int
     backend: str
     warmup_steps: int
-    thresholds: dict[int, float | torch.Tensor]
+    thresholds: ThresholdTable
     dense_layers: frozenset[int]
     record_stats: bool
+    min_prefill_len: int = 0  # video sequences shorter than this stay dense
     estimate_dtype: torch.dtype | None = None
     stats: VideoAttentionStats = field(default_factory=VideoAttentionStats)
     counter: StepCounter = field(default_factory=StepCounter)
@@ -43,28 +49,30 @@ class State:
     def step(self) -> int:
         return self.counter.step
 
-    def threshold_for(self, layer: int, device: torch.device) -> float | torch.Tensor:
-        t = self.thresholds[layer]
-        if isinstance(t, torch.Tensor) and t.device != device:
-            t = self.thresholds[layer] = t.to(device)  # once per device, not per call
-        return t
+    def threshold_for(self, layer: int, device: torch.device) -> LayerThreshold:
+        return self.thresholds.for_layer(layer, device)
 
     def record(self, layer: int, mask: torch.Tensor | None, batch: int, heads: int,
                length: int) -> None:
         """Count one call's video blocks (``mask`` None: dense, every block kept)."""
-        if not self.record_stats:
-            return
-        nb = -(-length // self.block_size)
-        total = float(nb * nb * batch)
-        if mask is None:
-            kept = torch.full((heads,), total, dtype=torch.float64)
-        else:
-            kept = mask.sum(dim=(0, 2, 3)).to(torch.float64)
-        self.stats.add(self.step, layer, kept, total, sparse=mask is not None, length=length)
+        if self.record_stats:
+            self.stats.record(self.step, layer, mask, batch=batch, heads=heads, length=length,
+                              block_size=self.block_size)
+
+
+State = XAttentionVideoState  # its earlier name (processor.py and older imports)
+
+
+class _Structure:
+    """What :meth:`ThresholdProfile.check_model` reads of a model, for a video transformer
+    (whose config does not use the LLM names)."""
+
+    def __init__(self, fields: dict[str, int]) -> None:
+        self.__dict__.update(fields)
 
 
 def _pre_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    state: State | None = getattr(model, _STATE, None)
+    state: XAttentionVideoState | None = getattr(model, _STATE, None)
     if state is None or not state.enabled:
         return
     bound = forward_arguments(model, args, kwargs)
@@ -76,16 +84,17 @@ def _pre_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 def enable(
     transformer: torch.nn.Module,
-    threshold: float = 0.95,
-    stride: int = 8,
-    block_size: int = 128,
-    warmup_steps: int = 5,
-    dense_layers: Iterable[int] = (),
-    thresholds: Any = None,
     *,
+    threshold: float = 0.95,
+    thresholds: Any = None,
+    stride: int | None = None,
+    block_size: int | None = None,
+    dense_layers: Iterable[int] = (),
+    min_prefill_len: int | None = None,
     backend: str = "auto",
-    record_stats: bool = True,
     estimate_dtype: torch.dtype | None = None,
+    record_stats: bool = True,
+    warmup_steps: int = 5,
 ) -> torch.nn.Module:
     """Run the video self-attention of a diffusers video transformer through XAttention.
 
@@ -93,16 +102,21 @@ def enable(
         transformer: ``pipe.transformer`` of a Wan 2.x, HunyuanVideo, CogVideoX (or Flux)
             pipeline: a ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
             ``CogVideoXTransformer3DModel`` or ``FluxTransformer2DModel``.
-        threshold: cumulative-score threshold of every layer and head without an entry in
-            ``thresholds``; ``>= 1`` keeps every block (dense result through the sparse path).
-        stride: antidiagonal stride of the estimate (divides ``block_size``).
-        block_size: block edge of the sparsity pattern.
+        threshold: cumulative-score threshold (any real number) of every layer and head without
+            an entry in ``thresholds``; ``>= 1`` keeps every block (dense result through the
+            sparse path).
+        thresholds: a :class:`xattention.profile.ThresholdProfile` or the path of its JSON file,
+            per layer ``[num_layers]``, per layer and head ``[num_layers][heads]`` (list or
+            tensor), or ``{layer: float or [heads]}`` (the same forms as the transformers switch).
+        stride: antidiagonal stride of the estimate (divides ``block_size``); None: the
+            profile's, else 8. An explicit value that contradicts a profile is a ValueError.
+        block_size: block edge of the sparsity pattern; None: the profile's, else 128.
         warmup_steps: the first denoising steps of each generation that stay dense (the paper
             uses 5). Steps are counted from the transformer's ``timestep`` argument (see
             docs/video.md).
         dense_layers: layer indices kept dense (negative ones count from the end).
-        thresholds: per layer ``[num_layers]``, per layer and head ``[num_layers][heads]`` (list
-            or tensor), or ``{layer: float or [heads]}``.
+        min_prefill_len: video sequences (tokens per frame times frames) shorter than this stay
+            dense; None: ``block_size``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`xattention.xattention`).
         record_stats: count kept blocks per step and layer (see :func:`last_stats`).
         estimate_dtype: ``torch.float8_e4m3fn``: the estimate on FP8 operands (see
@@ -123,12 +137,11 @@ def enable(
         {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.41, ...}
     """
     spec = spec_for(transformer)
-    stride, block_size = block_params(stride, block_size)
-    warmup_steps = non_negative_int(warmup_steps, "warmup_steps")
+    stride, block_size = check_optional_block_params(stride, block_size)
+    warmup_steps = check_non_negative_int("warmup_steps", warmup_steps)
     backend = check_backend(backend)
     estimate_dtype = check_estimate_dtype(estimate_dtype)
-    if not isinstance(record_stats, bool):
-        raise TypeError(f"record_stats must be a bool, got {type(record_stats).__name__}")
+    check_bool("record_stats", record_stats)
     if is_enabled(transformer):
         disable(transformer)
     modules = spec.attention_modules(transformer)
@@ -148,11 +161,17 @@ def enable(
         check_redirectable(type(proc), spec.call_site)
         processors.append(proc)
     num_layers = len(modules)
-    state = State(spec=spec, stride=stride, block_size=block_size, backend=backend,
-                  warmup_steps=warmup_steps,
-                  thresholds=threshold_table(threshold, thresholds, num_layers, heads.pop()),
-                  dense_layers=layer_set(dense_layers, num_layers, "dense_layers"),
-                  record_stats=record_stats, estimate_dtype=estimate_dtype)
+    # A profile records the structure it was calibrated on: layer count and head count.
+    structure = {"num_hidden_layers": num_layers, "num_attention_heads": next(iter(heads))}
+    table, stride, block_size = resolve_thresholds(
+        threshold, thresholds, stride=stride, block_size=block_size, num_layers=num_layers,
+        num_heads=heads.pop(), model=_Structure(structure))
+    state = XAttentionVideoState(spec=spec, stride=stride, block_size=block_size, backend=backend,
+                  warmup_steps=warmup_steps, thresholds=ThresholdTable(table),
+                  dense_layers=layer_set(dense_layers, num_layers, "dense_layers",
+                                         unit="transformer"),
+                  record_stats=record_stats, estimate_dtype=estimate_dtype,
+                  min_prefill_len=check_min_prefill_len(min_prefill_len, block_size))
     for i, (module, proc) in enumerate(zip(modules, processors, strict=True)):
         state.originals.append((module, proc))
         module.set_processor(wrapper_class(type(proc))(proc, i, state))
@@ -166,7 +185,7 @@ def disable(transformer: torch.nn.Module) -> torch.nn.Module:
 
     A transformer that is not enabled is returned unchanged; :func:`last_stats` stays readable.
     """
-    state: State | None = getattr(transformer, _STATE, None)
+    state: XAttentionVideoState | None = getattr(transformer, _STATE, None)
     if state is None or not state.enabled:
         return transformer
     for module, proc in state.originals:
@@ -184,7 +203,7 @@ def is_enabled(transformer: torch.nn.Module) -> bool:
     return bool(state is not None and state.enabled)
 
 
-def _state(transformer: torch.nn.Module) -> State:
+def _state(transformer: torch.nn.Module) -> XAttentionVideoState:
     state = getattr(transformer, _STATE, None)
     if state is None:
         raise ValueError("xattention is not enabled on this transformer: call enable() first")

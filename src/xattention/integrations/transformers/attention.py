@@ -2,7 +2,7 @@
 
 What runs where, per call of a layer's attention:
 
-* decode (``Lq == 1``), short queries (``Lq < min_query_len``), layers in ``dense_layers``,
+* decode (``Lq == 1``), short queries (``Lq < min_prefill_len``), layers in ``dense_layers``,
   dropout in training, soft-capping / attention sinks / position biases, non-causal attention
   with more queries than keys (cross-attention), and windowed layers whose window is shorter than
   the context: the dense SDPA path, exactly what ``attn_implementation="sdpa"`` computes. A
@@ -26,10 +26,10 @@ import torch
 
 from ..._backend import warn_once
 from ...api import xattention
+from .._common.stats import AttentionStats
 from .model_info import window_restricts
 from .padding import sparse_with_padding
 from .state import VISION_INDEX_ATTR, XAttentionState, get_state
-from .stats import AttentionStats, count_blocks
 
 __all__ = ["dense_attention", "xattention_attention_forward"]
 
@@ -58,8 +58,8 @@ def _record(state: XAttentionState, stats: AttentionStats, layer: int,
             mask: torch.Tensor | None, q_len: int, k_len: int, heads: int, causal: bool,
             batch: int) -> None:
     if state.record_stats:
-        kept, total = count_blocks(mask, q_len, k_len, state.block_size, causal, heads, batch)
-        stats.add(layer, kept, total, sparse=mask is not None, q_len=q_len, k_len=k_len)
+        stats.record(layer, mask, q_len=q_len, k_len=k_len, block_size=state.block_size,
+                     causal=causal, heads=heads, batch=batch)
 
 
 def _sparse(state: XAttentionState, stats: AttentionStats, layer: int,
@@ -91,7 +91,7 @@ def _window_skips(state: XAttentionState, layer: int, sliding_window: int | None
 
 def _runs_dense(state: XAttentionState, module: torch.nn.Module, layer: int, q_len: int,
                 k_len: int, dropout: float, causal: bool, kwargs: dict[str, Any]) -> bool:
-    return (q_len <= 1 or q_len < state.min_query_len or layer in state.dense_layers
+    return (q_len <= 1 or q_len < state.min_prefill_len or layer in state.dense_layers
             or (dropout > 0 and module.training) or (not causal and q_len > k_len)
             or any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS))
 
@@ -155,11 +155,11 @@ def _vision_forward(state: XAttentionState, module: torch.nn.Module, query: torc
                     dropout: float, scaling: float | None, causal: bool, **kwargs: Any
                     ) -> tuple[torch.Tensor, None]:
     """A vision encoder's attention (``enable(..., vision=True)``): each call is one image's (or
-    one window's) patches, without a mask; shorter than ``min_query_len`` it stays dense."""
+    one window's) patches, without a mask; shorter than ``min_prefill_len`` it stays dense."""
     index = getattr(module, VISION_INDEX_ATTR, None)
     q_len, k_len = query.shape[2], key.shape[2]
     if (index is None or state.vision_threshold is None or attention_mask is not None
-            or q_len < max(2, state.min_query_len) or q_len > k_len
+            or q_len < max(2, state.min_prefill_len) or q_len > k_len
             or (dropout > 0 and module.training)):
         return dense_attention(module, query, key, value, attention_mask, dropout, scaling,
                                causal, **kwargs)

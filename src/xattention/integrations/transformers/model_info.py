@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ...profile import text_config
+from .._common.layers import layer_set
 
 __all__ = [
     "attention_layers",
@@ -150,7 +151,6 @@ def sparse_layers(model: torch.nn.Module, seq_len: int | None = None,
     context of ``seq_len`` tokens: every attention layer except windowed ones
     (:func:`sliding_layers`) and ``dense_layers`` (negative indices count from the end)."""
     layers = attention_layers(model)
-    n = layer_count(model, layers)
-    dense = {int(i) % n for i in dense_layers} if n else set()
+    dense = layer_set(dense_layers, layer_count(model, layers), "dense_layers")
     skip = sliding_layers(model, seq_len) | dense
     return [i for i in sorted(layers) if i not in skip]

@@ -33,7 +33,8 @@ def xattention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: An
                     kv_offset: int = 0, mask_function: Any = None,
                     attention_mask: torch.Tensor | None = None, local_size: int | None = None,
                     allow_is_causal_skip: bool = True, **kwargs: Any) -> torch.Tensor | None:
-    """``sdpa_mask``, except that plain causal attention without padding yields None.
+    """``sdpa_mask``, except that plain causal attention without padding yields None, and that
+    None always means lower-right causal.
 
     ``sdpa_mask`` itself only skips the mask when ``Lq == Lk`` (torch's ``is_causal`` is
     upper-left aligned); the XAttention function reads None as lower-right causal, so it can skip
@@ -53,10 +54,17 @@ def xattention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: An
             padding = padding[:, padding.shape[-1] - kv_length:]
             if bool(padding.all()):
                 return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-                     attention_mask=attention_mask, local_size=local_size,
-                     allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                local_size=local_size, **kwargs)
+    mask = sdpa_mask(allow_is_causal_skip=allow_is_causal_skip, **args)
+    if mask is None and 1 < q_length != kv_length:
+        # sdpa_mask also skips the mask of a prefill into an empty static cache (keys = the
+        # whole cache, its unwritten tail included), relying on torch's upper-left is_causal.
+        # We read None as lower-right causal, which would let the prompt see the unwritten
+        # slots: spell the mask out; the padding path then runs the written span only.
+        mask = sdpa_mask(allow_is_causal_skip=False, **args)
+    return mask
 
 
 def register(name: str, forward: Callable[..., Any], mask: Callable[..., Any] | None = None

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .stats import AttentionStats
-from .thresholds import LayerThreshold
+from .._common.stats import AttentionStats
+from .._common.thresholds import LayerThreshold, ThresholdTable
 
 __all__ = ["STATE_ATTR", "VISION_INDEX_ATTR", "XAttentionState", "get_state"]
 
@@ -25,8 +25,8 @@ class XAttentionState:
     stride: int
     block_size: int
     backend: str
-    min_query_len: int
-    thresholds: dict[int, LayerThreshold]
+    min_prefill_len: int
+    thresholds: ThresholdTable
     dense_layers: frozenset[int]
     windows: dict[int, int | None]  # sliding window (tokens) per layer, None for global
     num_layers: int
@@ -53,11 +53,7 @@ class XAttentionState:
                    if i not in self.dense_layers)
 
     def threshold_for(self, layer: int, device: torch.device) -> LayerThreshold:
-        t = self.thresholds[layer]
-        if isinstance(t, torch.Tensor) and t.device != device:
-            t = t.to(device)
-            self.thresholds[layer] = t  # cache on the device the layer runs on
-        return t
+        return self.thresholds.for_layer(layer, device)
 
 
 def get_state(obj: Any) -> XAttentionState | None:

@@ -8,7 +8,15 @@ from typing import Any
 import torch
 
 from ..._backend import warn_once
-from ..._validation import check_backend, check_block_params, check_estimate_dtype
+from ..._validation import check_backend, check_bool, check_estimate_dtype
+from .._common.layers import layer_set
+from .._common.options import (
+    UNSET,
+    check_min_prefill_len,
+    check_optional_block_params,
+    renamed_option,
+)
+from .._common.thresholds import ThresholdTable, resolve_thresholds
 from .attention import xattention_attention_forward
 from .model_info import (
     attention_layers,
@@ -26,7 +34,6 @@ from .registration import (
 )
 from .state import STATE_ATTR, VISION_INDEX_ATTR, XAttentionState, get_state
 from .stats import AttentionStats
-from .thresholds import resolve_thresholds, split_threshold_arguments
 
 __all__ = ["disable", "enable", "is_enabled", "last_stats", "reset_stats"]
 
@@ -41,30 +48,20 @@ def _check_model(model: Any) -> Any:
     return config
 
 
-def _dense_layer_set(dense_layers: Iterable[int], num_layers: int) -> frozenset[int]:
-    dense = set()
-    for idx in dense_layers:
-        if isinstance(idx, bool) or not isinstance(idx, int):
-            raise TypeError(f"dense_layers must hold ints, got {idx!r}")
-        if not -num_layers <= idx < num_layers:
-            raise ValueError(f"dense_layers has {idx}, the model has {num_layers} layers")
-        dense.add(idx % num_layers)
-    return frozenset(dense)
-
-
 def enable(
     model: torch.nn.Module,
-    threshold: float = 0.9,
-    stride: int = 8,
-    block_size: int = 128,
     *,
+    threshold: float = 0.9,
     thresholds: Any = None,
+    stride: int | None = None,
+    block_size: int | None = None,
     dense_layers: Iterable[int] = (),
-    min_query_len: int | None = None,
+    min_prefill_len: int | None = None,
     backend: str = "auto",
+    estimate_dtype: torch.dtype | None = None,
     record_stats: bool = True,
     vision: bool = False,
-    estimate_dtype: torch.dtype | None = None,
+    min_query_len: Any = UNSET,
 ) -> torch.nn.Module:
     """Make ``model`` prefill with XAttention; decode stays dense.
 
@@ -73,19 +70,19 @@ def enable(
             (Llama, Qwen, Mistral, Gemma 3, BERT-like encoders, Qwen2-VL / Qwen2.5-VL, ...).
             On a multimodal model only the language model is switched: the vision encoder's
             attention and the multimodal rope run as before.
-        threshold: cumulative-score threshold (a number) of every layer and head without an
-            entry in ``thresholds``; ``>= 1`` keeps every block (dense result, sparse code path).
-            A table or profile object passed here is taken as ``thresholds``; a string is a
-            ``TypeError`` (a profile file goes to ``thresholds=``).
-        stride: antidiagonal stride of the estimate (divides ``block_size``).
-        block_size: block edge of the sparsity pattern.
+        threshold: cumulative-score threshold (any real number) of every layer and head without
+            an entry in ``thresholds``; ``>= 1`` keeps every block (dense result, sparse code
+            path).
         thresholds: per-layer or per-(layer, head) table: a
-            :class:`xattention.profile.ThresholdProfile` or the path of its JSON file (its
-            stride and block size win), a nested list / tensor ``[num_layers][num_q_heads]``,
-            a list / tensor ``[num_layers]`` or a dict ``{layer: number or [num_q_heads]}``.
+            :class:`xattention.profile.ThresholdProfile` or the path of its JSON file, a nested
+            list / tensor ``[num_layers][num_q_heads]``, a list / tensor ``[num_layers]`` or a
+            dict ``{layer: number or [num_q_heads]}``.
+        stride: antidiagonal stride of the estimate (divides ``block_size``); None: the
+            profile's, else 8. An explicit value that contradicts a profile is a ValueError.
+        block_size: block edge of the sparsity pattern; None: the profile's, else 128.
         dense_layers: layer indices kept dense (negative indices count from the end).
-        min_query_len: queries shorter than this stay dense (``None``: ``block_size``); decode
-            (one query) is always dense.
+        min_prefill_len: queries shorter than this stay dense (``None``: ``block_size``); decode
+            (one query) is always dense. ``min_query_len=`` is its old name (deprecated).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`xattention.xattention`).
         record_stats: count kept blocks of every prefill call (see :func:`last_stats`).
         vision: also run the vision encoder's attention (Qwen2-VL's ``VisionAttention``)
@@ -112,9 +109,13 @@ def enable(
         0.31
     """
     config = _check_model(model)
-    stride, block_size = check_block_params(stride, block_size)
+    stride, block_size = check_optional_block_params(stride, block_size)
     backend = check_backend(backend)
     estimate_dtype = check_estimate_dtype(estimate_dtype)
+    check_bool("record_stats", record_stats)
+    check_bool("vision", vision)
+    min_prefill_len = renamed_option("min_prefill_len", min_prefill_len, "min_query_len",
+                                     min_query_len)
     layers = attention_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx; "
@@ -122,16 +123,11 @@ def enable(
     num_layers = layer_count(model, layers)
     num_heads = int(config.num_attention_heads)
 
-    threshold, thresholds = split_threshold_arguments(threshold, thresholds)
-    table, stride, block_size = resolve_thresholds(model, threshold, thresholds, stride,
-                                                   block_size, num_layers, num_heads)
-    dense = _dense_layer_set(dense_layers, num_layers)
-    if min_query_len is None:
-        min_query_len = block_size
-    if isinstance(min_query_len, bool) or not isinstance(min_query_len, int) or min_query_len < 0:
-        raise ValueError(f"min_query_len must be a non-negative int, got {min_query_len!r}")
-    if not isinstance(vision, bool):
-        raise TypeError(f"vision must be a bool, got {type(vision).__name__}")
+    table, stride, block_size = resolve_thresholds(
+        threshold, thresholds, stride=stride, block_size=block_size, num_layers=num_layers,
+        num_heads=num_heads, model=model)
+    dense = layer_set(dense_layers, num_layers, "dense_layers")
+    min_prefill_len = check_min_prefill_len(min_prefill_len, block_size)
     vision_modules = vision_attention_modules(model) if vision else []
     if vision and not vision_modules:
         raise ValueError(f"vision=True, but {type(model).__name__} has no vision encoder with "
@@ -148,7 +144,8 @@ def enable(
     else:
         original, original_vision = implementation(model), implementation(model, vision=True)
     state = XAttentionState(original=original, stride=stride, block_size=block_size,
-                            backend=backend, min_query_len=min_query_len, thresholds=table,
+                            backend=backend, min_prefill_len=min_prefill_len,
+                            thresholds=ThresholdTable(table),
                             dense_layers=dense, windows=layer_windows(model),
                             num_layers=num_layers, num_q_heads=num_heads,
                             record_stats=record_stats, original_vision=original_vision,

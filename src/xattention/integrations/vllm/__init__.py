@@ -10,7 +10,7 @@ vLLM backends are selected::
 Settings are ``XATTENTION_*`` environment variables (``settings.py`` says why and lists them);
 statistics are per worker process (``stats.py``: ``XATTENTION_STATS_DIR`` and
 :func:`read_stats`). What runs where (``backend.py``): prefill chunks of at least
-``XATTENTION_MIN_PREFILL`` new tokens attend with :func:`xattention.xattention` to their whole
+``XATTENTION_MIN_PREFILL_LEN`` new tokens attend with :func:`xattention.xattention` to their whole
 context, read from the paged KV cache through the block table (:func:`paged.gather_kv`); decode
 and short chunks run on the engine's own kernel, which also writes the KV cache.
 

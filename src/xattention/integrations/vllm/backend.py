@@ -3,7 +3,7 @@ attention implementation that runs the plan.
 
 Per engine step, the builder splits the batch's requests (``query_start_loc``, ``seq_lens``):
 
-* *sparse* rows: requests whose new query chunk has at least ``XATTENTION_MIN_PREFILL`` tokens
+* *sparse* rows: requests whose new query chunk has at least ``XATTENTION_MIN_PREFILL_LEN`` tokens
   (a prompt's prefill, or one chunk of a chunked prefill, with or without a prefix-cache hit);
 * the rest (decodes, short chunks): they form a sub-batch with its own metadata, built by the
   engine's own builder, so that they run on the engine's own kernel.
@@ -36,6 +36,7 @@ import torch
 
 from ..._backend import warn_once
 from ...api import xattention
+from .._common.thresholds import ThresholdTable
 from . import stats
 from .paged import gather_kv
 from .settings import VARIABLES, XAttentionSettings, settings_from_env
@@ -94,7 +95,7 @@ class XAttentionBuilderMixin:
             return None
         starts = common.query_start_loc_cpu[: common.num_reqs + 1].tolist()
         q_lens = [b - a for a, b in itertools.pairwise(starts)]
-        sparse_ids = [i for i, n in enumerate(q_lens) if n >= settings.min_prefill]
+        sparse_ids = [i for i, n in enumerate(q_lens) if n >= settings.min_prefill_len]
         if not sparse_ids:
             return None
         busy = [name for name in _UNSUPPORTED_FIELDS if getattr(common, name, None) is not None]
@@ -104,7 +105,7 @@ class XAttentionBuilderMixin:
         seq_lens = common.seq_lens[: common.num_reqs].to("cpu").tolist()
         rows = [SparseRow(i, starts[i], starts[i + 1], int(seq_lens[i])) for i in sparse_ids]
         plan = XAttentionPlan(sparse=rows, block_table=common.block_table_tensor)
-        dense_ids = [i for i in range(common.num_reqs) if q_lens[i] < settings.min_prefill]
+        dense_ids = [i for i in range(common.num_reqs) if q_lens[i] < settings.min_prefill_len]
         if dense_ids:
             sub, tokens = _sub_batch(common, dense_ids, starts, q_lens, seq_lens)
             plan.dense_metadata = super().build(0, sub, fast_build)
@@ -169,7 +170,7 @@ class XAttentionImplMixin:
         if self._xa_reason is not None:
             warn_once(f"xattention: layers with {self._xa_reason} run dense attention")
         self._xa_layer: int | None = None
-        self._xa_threshold: float | torch.Tensor | None = None
+        self._xa_thresholds: ThresholdTable | None = None
         self._xa_num_layers = _num_layers()
 
     # -- per-layer facts, resolved on the first call (the layer name is known only then) --------
@@ -191,7 +192,7 @@ class XAttentionImplMixin:
                                  f"{self._xa_layer}, the model has {self.num_heads * world}")
             lo = self._xa_rank * self.num_heads
             threshold = torch.tensor(threshold[lo:lo + self.num_heads], dtype=torch.float32)
-        self._xa_threshold = threshold
+        self._xa_thresholds = ThresholdTable({self._xa_layer: threshold})
         self._xa_dense = self._xa_reason is not None or \
             self._xa_settings.is_dense(self._xa_layer, self._xa_num_layers)
 
@@ -232,14 +233,11 @@ class XAttentionImplMixin:
         k, v = gather_kv(kv_cache, block_table[row.index], row.seq_len, self.kv_layout,
                          head_dim=self.head_size)
         q = query[row.start:row.end].transpose(0, 1).unsqueeze(0).contiguous()
-        threshold = self._xa_threshold
-        if isinstance(threshold, torch.Tensor) and threshold.device != q.device:
-            threshold = self._xa_threshold = threshold.to(q.device)
+        threshold = self._xa_thresholds.for_layer(self._xa_layer, q.device)
         out, mask = xattention(q, k.to(q.dtype), v.to(q.dtype), threshold=threshold,
                                stride=settings.stride, block_size=settings.block_size,
                                causal=True, scale=self.scale, return_mask=True,
-                               estimate_dtype=torch.float8_e4m3fn if settings.fp8_estimate
-                               else None)
+                               estimate_dtype=settings.estimate_dtype)
         output[row.start:row.end] = out[0].transpose(0, 1).to(output.dtype)
         stats.record(self._xa_layer, mask, row.end - row.start, row.seq_len, self.num_heads,
                      settings.block_size)

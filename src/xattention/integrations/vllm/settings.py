@@ -18,7 +18,8 @@ XATTENTION_BLOCK_SIZE    128      block edge of the sparsity pattern (not vLLM's
 XATTENTION_PROFILE       (none)   per-(layer, head) threshold profile (``xattention calibrate``);
                                   its stride and block size are used
 XATTENTION_DENSE_LAYERS  (none)   comma-separated layer indices kept dense (negative: from end)
-XATTENTION_MIN_PREFILL   = block  prefill chunks with fewer new tokens stay dense
+XATTENTION_MIN_PREFILL_LEN = block prefill chunks with fewer new tokens stay dense (the old name
+                                  XATTENTION_MIN_PREFILL is read too, with a warning)
 XATTENTION_STATS_DIR     (none)   folder where every rank writes its block densities (stats.py)
 XATTENTION_ESTIMATE      exact    ``fp8``: the estimate on FP8 operands (``estimate_dtype`` of
                                   ``xattention()``), faster at long prompts on Hopper
@@ -27,22 +28,28 @@ XATTENTION_ESTIMATE      exact    ``fp8``: the estimate on FP8 operands (``estim
 
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+
+from .._common.layers import layer_set, parse_layer_list
+from .._common.thresholds import DEFAULT_BLOCK_SIZE, DEFAULT_STRIDE, check_number, load_profile
 
 THRESHOLD = "XATTENTION_THRESHOLD"
 STRIDE = "XATTENTION_STRIDE"
 BLOCK_SIZE = "XATTENTION_BLOCK_SIZE"
 PROFILE = "XATTENTION_PROFILE"
 DENSE_LAYERS = "XATTENTION_DENSE_LAYERS"
-MIN_PREFILL = "XATTENTION_MIN_PREFILL"
+MIN_PREFILL_LEN = "XATTENTION_MIN_PREFILL_LEN"
+OLD_MIN_PREFILL = "XATTENTION_MIN_PREFILL"  # its name before 0.2, still read (with a warning)
 STATS_DIR = "XATTENTION_STATS_DIR"
 ESTIMATE = "XATTENTION_ESTIMATE"
-VARIABLES = (THRESHOLD, STRIDE, BLOCK_SIZE, PROFILE, DENSE_LAYERS, MIN_PREFILL, STATS_DIR,
-             ESTIMATE)
+VARIABLES = (THRESHOLD, STRIDE, BLOCK_SIZE, PROFILE, DENSE_LAYERS, MIN_PREFILL_LEN, STATS_DIR,
+             ESTIMATE, OLD_MIN_PREFILL)
 
 
 @dataclass(frozen=True)
@@ -55,9 +62,9 @@ class XAttentionSettings:
     thresholds: tuple[tuple[float, ...], ...] | None = None
     profile_path: str | None = None
     dense_layers: tuple[int, ...] = ()
-    min_prefill: int = 128
+    min_prefill_len: int = 128
     stats_dir: str | None = None
-    fp8_estimate: bool = False  # XATTENTION_ESTIMATE=fp8
+    estimate_dtype: torch.dtype | None = None  # XATTENTION_ESTIMATE=fp8: torch.float8_e4m3fn
 
     def threshold_for(self, layer: int) -> float | tuple[float, ...]:
         """The float threshold of ``layer``, or its per-query-head tuple (all ranks' heads)."""
@@ -95,20 +102,23 @@ def _threshold(env: Mapping[str, str]) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{THRESHOLD} must be a number in (0, inf), got {raw!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{THRESHOLD} must lie in (0, inf) (>= 1 keeps every block), got {raw}")
-    return value
+    return check_number(THRESHOLD, value)
 
 
 def _dense_layers(env: Mapping[str, str]) -> tuple[int, ...]:
     raw = _get(env, DENSE_LAYERS)
-    if raw is None:
-        return ()
-    try:
-        return tuple(int(part) for part in raw.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"{DENSE_LAYERS} must be comma-separated layer indices such as '0,1,-1', "
-                         f"got {raw!r}") from None
+    return () if raw is None else parse_layer_list(raw, DENSE_LAYERS)
+
+
+def _min_prefill_len(env: Mapping[str, str], block_size: int) -> int:
+    name = MIN_PREFILL_LEN
+    if _get(env, MIN_PREFILL_LEN) is None and _get(env, OLD_MIN_PREFILL) is not None:
+        warnings.warn(f"{OLD_MIN_PREFILL} is now called {MIN_PREFILL_LEN}; the old name will be "
+                      "removed", DeprecationWarning, stacklevel=3)
+        name = OLD_MIN_PREFILL
+    elif _get(env, MIN_PREFILL_LEN) is not None and _get(env, OLD_MIN_PREFILL) is not None:
+        raise ValueError(f"set {MIN_PREFILL_LEN} only ({OLD_MIN_PREFILL} is its old name)")
+    return _positive_int(env, name, block_size, minimum=2)
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> XAttentionSettings:
@@ -124,8 +134,8 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> XAttentionSetting
     """
     env = os.environ if env is None else env
     threshold = _threshold(env)
-    stride = _positive_int(env, STRIDE, 8)
-    block_size = _positive_int(env, BLOCK_SIZE, 128)
+    stride = _positive_int(env, STRIDE, DEFAULT_STRIDE)
+    block_size = _positive_int(env, BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
     thresholds = None
     profile_path = _get(env, PROFILE)
     if profile_path is not None:
@@ -139,32 +149,24 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> XAttentionSetting
         thresholds = tuple(tuple(row) for row in profile.thresholds)
     if block_size % stride:
         raise ValueError(f"{STRIDE} ({stride}) must divide {BLOCK_SIZE} ({block_size})")
-    min_prefill = _positive_int(env, MIN_PREFILL, block_size, minimum=2)
     return XAttentionSettings(threshold=threshold, stride=stride, block_size=block_size,
                               thresholds=thresholds, profile_path=profile_path,
-                              dense_layers=_dense_layers(env), min_prefill=min_prefill,
-                              stats_dir=_get(env, STATS_DIR), fp8_estimate=_fp8_estimate(env))
+                              dense_layers=_dense_layers(env),
+                              min_prefill_len=_min_prefill_len(env, block_size),
+                              stats_dir=_get(env, STATS_DIR), estimate_dtype=_estimate_dtype(env))
 
 
-def _fp8_estimate(env: Mapping[str, str]) -> bool:
+def _estimate_dtype(env: Mapping[str, str]) -> torch.dtype | None:
     raw = _get(env, ESTIMATE)
     if raw is None or raw.lower() == "exact":
-        return False
+        return None
     if raw.lower() == "fp8":
-        return True
+        return torch.float8_e4m3fn
     raise ValueError(f"{ESTIMATE} must be 'exact' or 'fp8', got {raw!r}")
 
 
 def _load_profile(path: str) -> Any:
-    from ...calibration.profile import ThresholdProfile
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{PROFILE}={path!r}: no such file (expected a threshold profile "
-                         "written by `xattention calibrate`)")
-    try:
-        return ThresholdProfile.load(path)
-    except ValueError as exc:
-        raise ValueError(f"{PROFILE}: {exc}") from None
+    return load_profile(path, PROFILE)  # one loader for every integration, naming the variable
 
 
 def check_against_model(settings: XAttentionSettings, hf_text_config: Any) -> None:
@@ -176,6 +178,4 @@ def check_against_model(settings: XAttentionSettings, hf_text_config: Any) -> No
         except ValueError as exc:
             raise ValueError(f"{PROFILE}={settings.profile_path!r}: {exc}") from None
     if isinstance(num_layers, int):
-        bad = [i for i in settings.dense_layers if not -num_layers <= i < num_layers]
-        if bad:
-            raise ValueError(f"{DENSE_LAYERS} has {bad}, the model has {num_layers} layers")
+        layer_set(settings.dense_layers, num_layers, DENSE_LAYERS)

@@ -2,8 +2,8 @@
 
 The attention runs in vLLM's worker processes (one per tensor-parallel rank), not in the process
 that called ``LLM(...)``, so the counts live there: :func:`worker_stats` is that process's
-:class:`~xattention.integrations.transformers.AttentionStats` (the same type and definition as the
-transformers integration: kept blocks over causal candidate blocks, per layer and per query head
+:class:`~xattention.integrations._common.stats.AttentionStats` (the same type and definition as the
+other integrations: kept blocks over causal candidate blocks, per layer and per query head
 of this rank, dense = 1.0).
 
 To read them from the user's process, set ``XATTENTION_STATS_DIR`` before the engine starts: after
@@ -17,7 +17,7 @@ loads them::
     read_stats("/tmp/xa-stats")[0]["per_layer"]     # rank 0: {"0": 0.41, "1": 0.22, ...}
 
 The same works for ``vllm serve``. Counted calls are prefill chunks of at least
-``XATTENTION_MIN_PREFILL`` new tokens; with tensor parallelism every rank reports its own heads.
+``XATTENTION_MIN_PREFILL_LEN`` new tokens; with tensor parallelism every rank reports its own heads.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from ...block_layout import candidate_blocks
-from ..transformers import AttentionStats
+from .._common.stats import AttentionStats
 
 _stats = AttentionStats()
 _dirty = False
@@ -45,13 +44,8 @@ def record(layer: int, mask: torch.Tensor | None, q_len: int, k_len: int, heads:
            block_size: int) -> None:
     """Add one request's prefill chunk of one layer (``mask`` None: ran dense)."""
     global _dirty
-    cand = candidate_blocks(q_len, k_len, block_size, True)
-    total = float(cand.sum())
-    if mask is None:
-        kept = torch.full((heads,), total, dtype=torch.float64)
-    else:
-        kept = (mask[0] & cand.to(mask.device)).sum(dim=(1, 2)).to(torch.float64)
-    _stats.add(layer, kept, total, sparse=mask is not None, q_len=q_len, k_len=k_len)
+    _stats.record(layer, mask, q_len=q_len, k_len=k_len, block_size=block_size, causal=True,
+                  heads=heads)
     _dirty = True
 
 
