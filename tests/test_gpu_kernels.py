@@ -502,7 +502,10 @@ def _kernel_launches(fn) -> list[str]:
 
 
 @pytest.mark.parametrize("length", [4096, 16384])
-def test_sparse_call_is_three_launches(length):
+def test_sparse_call_is_three_launches(length, monkeypatch):
+    # The suite poisons kernel outputs (conftest), one fill launch per output buffer; a user's
+    # call allocates them empty. Counted with poisoning on, the H100 run saw 12: 9 fills.
+    monkeypatch.setenv("XATTENTION_POISON_OUTPUTS", "0")
     q, k, v = _inputs(1, 8, 2, length, length, 128, torch.bfloat16, seed=21)
     names = _kernel_launches(lambda: xattention(q, k, v, threshold=0.9, min_sparse_len=0,
                                                 backend="triton"))
