@@ -141,3 +141,21 @@ def _load_each_model_once():
     yield
     models.load_model = original
     _LOADED.clear()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """This test session's evaluation cache (checked tokenizers, RULER samples), shared by the
+    evaluation and calibration tests: each tokenizer is converted and each sample set made once."""
+    path = tmp_path_factory.getbasetemp() / "xattention-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache_dir):
+    from xattention.eval.models import load_tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XATTENTION_CACHE", str(cache_dir))
+        return load_tokenizer("smollm2")

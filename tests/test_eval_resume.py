@@ -154,22 +154,6 @@ def test_progress_counts_the_fewest_samples_over_tasks():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "xattention-cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(cache_dir):
-    from xattention.eval.models import load_tokenizer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XATTENTION_CACHE", str(cache_dir))
-        return load_tokenizer("smollm2")
-
-
 def _tiny_model(vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
