@@ -8,7 +8,7 @@
 #   device:  qwen15b.sh collect       progress, and every record so far into $OUT/results.tgz
 #   device:  qwen15b.sh finish        stop the workers, time TTFT and single layers, collect
 #   here:    qwen15b.sh land DIR      merge a fetched results.tgz into eval/results/qwen2.5-1.5b
-#   here:    qwen15b.sh dry-run       the whole grid path on Qwen2.5-Coder-0.5B at 1k-2k (CPU)
+#   here:    qwen15b.sh dry-run       the whole grid path on Qwen2.5-Coder-0.5B at 1k-2k (CPU, ~15 min)
 #
 # The records in eval/results/qwen2.5-1.5b/*.jsonl.gz are the state: a device session starts
 # from the committed ones and appends, the runner skips what is done (and refuses records made
@@ -128,16 +128,20 @@ land() {  # land DIR: the folder holding a fetched results.tgz
 }
 
 dry_run() {  # the device path on the CPU, small: catches path and option errors before a call
+    # ~15 minutes on 2 cores: every method and task once at 1k, then a padded batch of two at
+    # 2k (qa_1: the QA tasks cannot be built at 1k; qa_2's HotpotQA not at 2k either).
     set -e
     local out; out=$(mktemp -d)
-    # qa_2 (HotpotQA) cannot be built this short; its path is qa_1's.
-    local tasks; tasks=$(python -c "from xattention.eval.ruler import DEFAULT_TASKS as t; print(*[x for x in t if x != 'qa_2'])")
-    python -m xattention eval ruler --model qwen2.5-0.5b --length 2048 3072 --samples 2 3072=1 \
-        --batch-size 2 --methods $METHODS --tasks $tasks --device cpu \
-        --dtype float32 --backend auto --max-new-tokens 8 --out "$out/dry.jsonl" --no-progress
-    python -m xattention eval report "$out/dry.jsonl" --out "$out"
-    python -m xattention.eval.progress "$out/dry.jsonl" --target 2048=2 3072=1 --methods $METHODS \
-        --tasks $tasks
+    local tasks; tasks=$(python -c "from xattention.eval.ruler import DEFAULT_TASKS as t; print(*[x for x in t if not x.startswith('qa_')])")
+    local common=(--model qwen2.5-0.5b --methods $METHODS --device cpu --dtype float32
+                  --backend auto --max-new-tokens 8 --no-progress)
+    python -m xattention eval ruler "${common[@]}" --length 1024 --samples 1 --batch-size 1 \
+        --tasks $tasks --out "$out/dry-1k.jsonl"
+    python -m xattention eval ruler "${common[@]}" --length 2048 --samples 2 --batch-size 2 \
+        --tasks qa_1 --out "$out/dry-2k.jsonl"
+    python -m xattention eval report "$out"/dry-*.jsonl --out "$out"
+    python -m xattention.eval.progress "$out/dry-1k.jsonl" --target 1024=1 --methods $METHODS --tasks $tasks
+    python -m xattention.eval.progress "$out/dry-2k.jsonl" --target 2048=2 --methods $METHODS --tasks qa_1
     (cd benchmarks && python bench_ttft.py --help > /dev/null)
     echo "dry run ok: $out"
 }
