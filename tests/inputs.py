@@ -148,3 +148,16 @@ def tiny_gemma3():
                      "full_attention"], max_position_embeddings=1024)
     config._attn_implementation = "sdpa"
     return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_llama(vocab: int):
+    """A 2-layer random Llama (4 query / 2 KV heads, SDPA) over ``vocab`` tokens: the evaluation
+    runner's tests drive it end to end in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from inputs import needs_ruler, needs_smollm2
+from inputs import needs_ruler, needs_smollm2, tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -148,24 +148,13 @@ def test_generator_timeout_names_the_task(tokenizer, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-def _tiny_model(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
-
-
 @needs_ruler
 @needs_smollm2
 def test_run_suite_and_report(tokenizer, cache_dir, tmp_path, monkeypatch):
     from xattention.eval import report, runner
 
     monkeypatch.setenv("XATTENTION_CACHE", str(cache_dir))
-    model = _tiny_model(len(tokenizer))
+    model = tiny_llama(len(tokenizer))
     methods = [runner.Method.full(), runner.Method(threshold=0.5, stride=8, block_size=64)]
     out = tmp_path / "res.jsonl"
     # seed=3: the samples test_generate_samples made are in the cache already.
@@ -201,7 +190,7 @@ def test_batched_answers_match_one_by_one(tokenizer, sparse):
     from xattention.eval import runner
     from xattention.integrations import transformers as xt
 
-    model = _tiny_model(len(tokenizer))
+    model = tiny_llama(len(tokenizer))
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     rng = torch.Generator().manual_seed(1)
     prompts = [" ".join(words[int(i)] for i in torch.randint(0, 10, (n,), generator=rng))
@@ -230,7 +219,7 @@ def test_run_suite_batches_and_profiles(tokenizer, cache_dir, tmp_path, monkeypa
     from xattention.eval import runner
 
     monkeypatch.setenv("XATTENTION_CACHE", str(cache_dir))
-    model = _tiny_model(len(tokenizer))
+    model = tiny_llama(len(tokenizer))
     profile = tmp_path / "tiny.json"
     ThresholdProfile(thresholds=[[0.5, 0.6, 0.7, 1.0], [0.8] * 4], stride=8, block_size=64,
                      model_id="tiny").save(profile)

@@ -10,8 +10,7 @@ import json
 import os
 
 import pytest
-import torch
-from inputs import needs_ruler, needs_smollm2
+from inputs import needs_ruler, needs_smollm2, tiny_llama
 
 # ------------------------------------------------------------------------------------------
 # Pieces
@@ -154,17 +153,6 @@ def test_progress_counts_the_fewest_samples_over_tasks():
 # ------------------------------------------------------------------------------------------
 
 
-def _tiny_model(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
-
-
 class _Stop(Exception):
     pass
 
@@ -178,7 +166,7 @@ def test_suite_runs_breadth_first_and_resumes(tokenizer, cache_dir, tmp_path, mo
     from xattention.eval import runner
 
     monkeypatch.setenv("XATTENTION_CACHE", str(cache_dir))
-    model = _tiny_model(len(tokenizer))
+    model = tiny_llama(len(tokenizer))
     methods = [runner.Method.full(), runner.Method.parse("t0.5-s8-b64")]
     kwargs = dict(num_samples={1024: 2, 1536: 1}, backend="torch", max_new_tokens=2,
                   progress=False, loaded=(model, tokenizer), seed=3, round_samples=1)
