@@ -161,11 +161,14 @@ def test_rows_that_see_no_key_are_zero_with_minus_inf_lse(make_qkv):
     torch.testing.assert_close(out[:, :, 16:].double(), full[:, :, 8:], **FP32)
 
 
-def test_nan_in_a_kept_key_reaches_the_rows_that_see_it(make_qkv, softmax_path):
-    """A NaN must come out where dense attention would put it, never as a plausible number."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_in_a_kept_key_reaches_the_rows_that_see_it(make_qkv, softmax_path, bad):
+    """A NaN (or inf) must come out where dense attention would put it, never as a plausible
+    number, and rows that cannot see it stay finite (the fused diagonal's additive mask would
+    turn it into NaN there: that path must step aside)."""
     lq = lk = 64
     q, k, v = make_qkv(1, 2, 1, lq, lk, 16)
-    k[0, 0, 20, 3] = float("nan")  # key block 1
+    k[0, 0, 20, 3] = bad  # key block 1
     mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     mask[..., 0] = True
     mask[..., torch.arange(4), torch.arange(4)] = True
@@ -174,5 +177,51 @@ def test_nan_in_a_kept_key_reaches_the_rows_that_see_it(make_qkv, softmax_path):
     sees_nan = torch.zeros(lq, dtype=torch.bool)
     sees_nan[20:32] = True  # the diagonal block 1, rows at or after the NaN key
     sees_nan[48:] = True
-    assert out[:, :, sees_nan].isnan().all()
+    if math.isnan(bad):
+        assert out[:, :, sees_nan].isnan().all()
+    else:  # q . inf is +-inf: a row whose logit is -inf gives the key no weight, as dense does
+        ref = ref_sparse_attention(q, k, v, mask, 16, True)
+        assert torch.equal(torch.isfinite(out[:, :, sees_nan]), torch.isfinite(ref[:, :, sees_nan]))
+        assert not torch.isfinite(out[:, :, sees_nan]).all()
     assert torch.isfinite(out[:, :, ~sees_nan]).all()
+
+
+@pytest.mark.parametrize("budget", [1, 5, 40, 10**9])
+def test_chunks_cover_every_item_once_within_budget(budget):
+    groups, sizes = [0, 3, 4, 9], [2, 7, 1, 5]
+    cost = {0: 1, 3: 4, 4: 9, 9: 6}
+    chunks = list(sa._chunks(groups, sizes, cost.__getitem__, budget))
+    start, seen = 0, []
+    for first, pieces in chunks:
+        assert first == start and pieces
+        used = sum(cost[g] * c for g, c in pieces)
+        assert used <= budget or sum(c for _, c in pieces) == 1
+        start += sum(c for _, c in pieces)
+        seen += [g for g, c in pieces for _ in range(c)]
+    assert seen == [g for g, c in zip(groups, sizes, strict=True) for _ in range(c)]
+    if budget >= sum(cost[g] * c for g, c in zip(groups, sizes, strict=True)):
+        assert len(chunks) == 1
+
+
+@pytest.mark.parametrize("lq,lk", [(96, 96), (64, 112), (77, 77)])
+def test_aligned_causal_diagonal_is_one_masked_fused_call_per_group(make_qkv, gen, monkeypatch,
+                                                                     lq, lk):
+    """Query blocks aligned with key blocks: each group (equal count) is one fused call whose
+    broadcast mask hides the diagonal's future keys, exact to the oracle."""
+    if sa._fused_cpu_kernel() is None:
+        pytest.skip("this torch has no fused CPU attention kernel")
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16)
+    mask = _equal_count_mask(gen, 1, 2, lq, lk, 16, True, count=3)
+    calls = []
+    original = sa._fused_part
+
+    def counted(qs, ks, vs, scale, mask=None):
+        calls.append(mask is not None)
+        return original(qs, ks, vs, scale, mask=mask)
+
+    monkeypatch.setattr(sa, "_fused_part", counted)
+    monkeypatch.setattr(sa, "_masked_part", lambda *a, **kw: pytest.fail("explicit softmax used"))
+    out = _run(q, k, v, mask, 16, True)
+    _assert_exact(out, q, k, v, mask, 16, True)
+    counts = (mask & ref_candidates(lq, lk, 16, True)).sum(-1).unique()
+    assert len(calls) == counts.numel() and all(calls)

@@ -68,9 +68,10 @@ def block_sparse_attention(
 
     The PyTorch path does work proportional to the kept blocks: per query block it gathers the
     kept key blocks and attends to them only. Its extra memory is float32 padded copies of q, k,
-    v, the output (twice, briefly) and one chunk of ``2^24`` elements (~64 MiB: gathered K/V and
-    logits) whatever the length; measured peak ~70 / 140 / 240-250 MiB at 16k / 32k / 64k
-    tokens (B=1, 2 heads, D=64, 10% density; two runs of benchmarks/bench_cpu.py --memory).
+    v (none where they already are whole float32 blocks), the output (twice, briefly) and one
+    chunk of ``2^24`` elements (~64 MiB: gathered Q/K/V, outputs and logits) whatever the
+    length; measured peak 86 / 111 / 134 MiB at 16k / 32k / 64k tokens (B=1, 2 heads, D=64, 10%
+    density, float32, the measurement of benchmarks/bench_cpu.py --memory).
 
     Example:
         >>> import torch
@@ -150,12 +151,16 @@ def block_sparse_attention_torch(
 
     A work item is one (batch, query head, query block). Its kept key blocks are gathered from the
     unrepeated K/V of its KV head (GQA shares them, nothing is repeated) and attended to; items
-    that keep the same number of blocks are batched together, in chunks of at most
-    ``_CHUNK_ELEMENTS`` elements, so the work is proportional to the kept blocks and the extra
-    memory is bounded whatever the length. Blocks wholly visible to every row of the item go
-    through one fused attention call (torch's flash-attention CPU kernel on CPU); the at most two
-    blocks some row may not fully see (the diagonal band, the short last key block) are masked
-    explicitly, and the two parts are merged by their log-sum-exp.
+    that keep the same number of blocks form a group, attended in one batched call. Items are
+    sorted by group and taken in chunks of at most ``_CHUNK_ELEMENTS`` elements, each chunk with
+    one gather of Q, K and V and one scatter of the output whatever its groups, so the work is
+    proportional to the kept blocks, the extra memory is bounded whatever the length, and the
+    number of large ops stays small: on a loaded machine every parallel op waits for its slowest
+    thread (benchmarks/NOTES.md, "CPU path under load"). Blocks wholly visible to every row of
+    the item go through torch's fused flash-attention CPU kernel where there is one; the causal
+    diagonal too, with one broadcast mask, when query and key blocks align; otherwise the at most
+    two blocks some row may not fully see are masked explicitly and the two parts are merged by
+    their log-sum-exp.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -163,39 +168,71 @@ def block_sparse_attention_torch(
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     nqb, nkb = num_blocks(lq, bs), num_blocks(lk, bs)
     dev = q.device
-    geo = _Geometry(lq, lk, bs, nqb, nkb, hq, hkv, causal)
 
     # Blocks with no visible key (causal: wholly in the future) contribute nothing: never compute.
     keep = (mask.to(dev) & BlockLayout(lq, lk, bs, causal).candidate(dev)).reshape(-1, nkb)
     counts = keep.sum(-1)
     # Flat block lists: index_select on one dim is much faster than advanced indexing.
-    q_blocks = _as_blocks(q, bs, work, scale)  # [B*Hq*nQB, Bs, D], pre-scaled
+    q_blocks = _as_blocks(q, bs, work)  # [B*Hq*nQB, Bs, D]
     k_blocks = _as_blocks(k, bs, work)  # [B*Hkv*nKB, Bs, D]
     v_blocks = _as_blocks(v, bs, work)
     fused = dev.type == "cpu" and _fused_cpu_kernel() is not None
+    # The diagonal's additive mask would turn a hidden non-finite key into NaN logits for rows
+    # that cannot see it (§4 keeps those finite); one check per call (a host sync) decides.
+    # (A sum is one reduction where isfinite().all() is four; its overflow only costs speed.)
+    diagonal = None
+    if fused and causal and (lk - lq) % bs == 0 and bool(torch.isfinite(k_blocks.sum())):
+        diagonal = _diagonal_first_mask(bs, int(counts.max()), work)
+    geo = _Geometry(lq, lk, bs, nqb, nkb, hq, hkv, causal, diagonal, scale)
     out = new_output((b * hq * nqb, bs, v.shape[-1]), q.dtype, dev)
     lse = new_output((b * hq * nqb, bs if need_lse else 0), torch.float32, dev)
 
-    for n in counts.unique().tolist():
-        items = torch.nonzero(counts == n).squeeze(1)
-        if n == 0:  # possible only with a user mask: the FlashAttention convention
-            out[items] = 0
-            lse[items] = float("-inf")
-            continue
-        # Gathered K and V per item, plus logits where they are materialised.
-        per_item = 2 * n * bs * d + 4 * bs * (2 * bs if fused else n * bs)
-        step = max(1, _CHUNK_ELEMENTS // per_item)
-        for s in range(0, items.numel(), step):
-            it = items[s : s + step]
-            o, item_lse = _attend(it, keep[it], q_blocks, k_blocks, v_blocks, geo, fused)
-            out.index_copy_(0, it, o.to(q.dtype))
-            if need_lse:
-                lse.index_copy_(0, it, item_lse.to(torch.float32))
+    # A group is (kept-block count, whether the last kept block needs a token mask).
+    group = counts * 2
+    if fused:
+        group = group + _last_block_partial(keep, counts, geo)
+    order = torch.argsort(group, stable=True)
+    runs, sizes = torch.unique_consecutive(group[order], return_counts=True)
+    # Gathered K and V, Q and the output (twice) per item, plus logits where they are
+    # materialised (the fused kernel keeps its own in per-thread tiles).
+    explicit = 0 if fused and (not causal or diagonal is not None) else (2 if fused else None)
+
+    def per_item(g: int) -> int:
+        n = g // 2
+        return 2 * n * bs * d + 3 * bs * d + 4 * bs * bs * (n if explicit is None else explicit)
+
+    for start, pieces in _chunks(runs.tolist(), sizes.tolist(), per_item, _CHUNK_ELEMENTS):
+        items = order[start : start + sum(c for _, c in pieces)]
+        o, item_lse = _attend_chunk(items, pieces, keep, q_blocks, k_blocks, v_blocks, geo, fused)
+        out.index_copy_(0, items, o.to(q.dtype))
+        if need_lse:
+            lse.index_copy_(0, items, item_lse.to(torch.float32))
 
     out = out.view(b, hq, nqb * bs, -1)[:, :, :lq].contiguous()
     if not need_lse:
         return out, None
     return out, lse.view(b, hq, nqb * bs)[:, :, :lq].contiguous()
+
+
+def _chunks(groups: list[int], sizes: list[int], per_item, budget: int):
+    """``(first item, [(group, item count), ...])`` per chunk of the group-sorted items, each chunk
+    within ``budget`` elements (or one item) and cutting a group only where it must."""
+    start, pieces, used = 0, [], 0
+    for g, size in zip(groups, sizes, strict=True):
+        cost = per_item(g)
+        while size:
+            take = min(size, max(0, (budget - used) // cost))
+            if take == 0 and pieces:
+                yield start, pieces
+                start += sum(c for _, c in pieces)
+                pieces, used = [], 0
+                continue
+            take = max(take, 1)
+            pieces.append((g, take))
+            used += take * cost
+            size -= take
+    if pieces:
+        yield start, pieces
 
 
 @dataclass(frozen=True)
@@ -208,58 +245,123 @@ class _Geometry:
     hq: int
     hkv: int
     causal: bool
+    diagonal: torch.Tensor | None  # _diagonal_first_mask where the diagonal may use it
+    scale: float
 
 
-def _attend(items, keep, q_blocks, k_blocks, v_blocks, geo: _Geometry, fused: bool):
-    """Output ``[N, Bs, Dv]`` and log-sum-exp ``[N, Bs]`` of ``items`` (flat (batch, head, query
-    block) indices) whose ``keep`` rows all hold the same number ``n`` of kept key blocks."""
-    num, bs = items.numel(), geo.bs
-    cols = torch.nonzero(keep)[:, 1].view(num, -1)  # ascending kept key blocks
-    n = cols.shape[1]
-    head, block = items // geo.nqb, items % geo.nqb  # head = batch * Hq + query head
-    kv = (head // geo.hq) * geo.hkv + (head % geo.hq) // (geo.hq // geo.hkv)
-    flat = (kv[:, None] * geo.nkb + cols).flatten()
-    ks = k_blocks.index_select(0, flat).view(num, n, bs, -1)
-    vs = v_blocks.index_select(0, flat).view(num, n, bs, -1)
-    qs = q_blocks.index_select(0, items)  # [N, Bs, D]
-
-    # A kept block needs a token mask when it ends after the item's first row (causal) or past
-    # the last key. Those blocks have the highest indices among the kept ones (at most two).
-    last = cols[:, -min(n, 2):]
-    key_end = (last + 1) * bs
+def _last_block_partial(keep: torch.Tensor, counts: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """Per item (row of ``keep``): 1 where its last kept key block needs a token mask (the
+    causal diagonal, or a short last key block), else 0."""
+    idx = torch.arange(geo.nkb, device=keep.device)
+    last = torch.where(keep, idx, -1).amax(-1)
+    key_end = (last + 1) * geo.bs
     partial = key_end > geo.lk
     if geo.causal:
-        first_row_pos = block * bs + (geo.lk - geo.lq)
-        partial = partial | (key_end - 1 > first_row_pos[:, None])
-    tail = int(partial.sum(-1).max())
-    every = bool(partial[:, -1].all())  # every item has a partial last block
+        block = torch.arange(keep.shape[0], device=keep.device) % geo.nqb
+        partial = partial | (key_end - 1 > block * geo.bs + (geo.lk - geo.lq))
+    return (partial & (counts > 0)).long()
+
+
+def _attend_chunk(items, pieces, keep, q_blocks, k_blocks, v_blocks, geo: _Geometry, fused: bool):
+    """Output ``[N, Bs, Dv]`` and log-sum-exp ``[N, Bs]`` of ``items`` (flat (batch, head, query
+    block) indices, sorted by group; ``pieces`` lists each group's item count), with one gather
+    of Q, K and V for the whole chunk."""
+    layouts, flat, off = [], [], 0
+    for g, count in pieces:
+        it = items[off : off + count]
+        off += count
+        layout = _piece_layout(it, keep[it], g // 2, geo, fused)
+        layouts.append(layout)
+        flat.append(layout.blocks.flatten())
+    flat = torch.cat(flat)
+    ks_all = k_blocks.index_select(0, flat)  # [kept blocks, Bs, D]
+    vs_all = v_blocks.index_select(0, flat)
+    qs_all = q_blocks.index_select(0, items)
+    outs, lses, item0, block0 = [], [], 0, 0
+    for layout in layouts:
+        num, n = layout.blocks.shape
+        qs = qs_all[item0 : item0 + num]
+        if n == 0:  # possible only with a user mask: the FlashAttention convention
+            outs.append(qs.new_zeros(num, geo.bs, vs_all.shape[-1]))
+            lses.append(qs.new_full((num, geo.bs), float("-inf")))
+        else:
+            ks = ks_all[block0 : block0 + num * n].view(num, n, geo.bs, -1)
+            vs = vs_all[block0 : block0 + num * n].view(num, n, geo.bs, -1)
+            o, lse = _attend(qs, ks, vs, layout, geo, fused)
+            outs.append(o)
+            lses.append(lse)
+        item0, block0 = item0 + num, block0 + num * n
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs), torch.cat(lses)
+
+
+@dataclass(frozen=True)
+class _PieceLayout:
+    """Where one group's items read: ``blocks [N, n]`` flat K/V block indices in the order they are
+    attended, ``cols [N, n]`` their key block numbers, and how many trailing blocks need a mask."""
+
+    blocks: torch.Tensor
+    cols: torch.Tensor
+    query_block: torch.Tensor  # [N]
+    tail: int  # trailing blocks some row does not fully see (at most two)
+    every: bool  # every item's last block is such a block
+    diagonal_first: bool  # the one partial block was moved to the front (see _attend)
+
+
+def _piece_layout(items, keep, n: int, geo: _Geometry, fused: bool) -> _PieceLayout:
+    num, bs = items.numel(), geo.bs
+    cols = torch.nonzero(keep)[:, 1].view(num, n)  # ascending kept key blocks
+    head, block = items // geo.nqb, items % geo.nqb  # head = batch * Hq + query head
+    kv = (head // geo.hq) * geo.hkv + (head % geo.hq) // (geo.hq // geo.hkv)
+    tail, every, diagonal_first = 0, False, False
+    if n:
+        # A kept block needs a token mask when it ends after the item's first row (causal) or
+        # past the last key. Those blocks have the highest indices among the kept ones.
+        key_end = (cols[:, -min(n, 2):] + 1) * bs
+        partial = key_end > geo.lk
+        if geo.causal:
+            partial = partial | (key_end - 1 > (block * bs + (geo.lk - geo.lq))[:, None])
+        tail = int(partial.sum(-1).max())
+        every = bool(partial[:, -1].all())
+        # Causal with query blocks aligned to key blocks: the one partial block is the diagonal,
+        # with the same triangle in every item. Softmax does not care about key order, so moving
+        # it to the front lets one broadcast mask serve the whole group in one fused call.
+        diagonal_first = geo.diagonal is not None and tail == 1 and every
+        if diagonal_first:
+            cols = torch.roll(cols, 1, dims=1)
+    return _PieceLayout(kv[:, None] * geo.nkb + cols, cols, block, tail, every, diagonal_first)
+
+
+def _attend(qs, ks, vs, layout: _PieceLayout, geo: _Geometry, fused: bool):
+    """Attention of one group: ``qs [N, Bs, D]`` to the gathered ``ks, vs [N, n, Bs, D]``."""
+    bs, n, tail, cols = geo.bs, ks.shape[1], layout.tail, layout.cols
 
     def span(x, j0, j1, trim=0):  # kept blocks j0..j1-1 of every item as one key sequence
         return x[:, j0:j1].flatten(1, 2)[:, : (j1 - j0) * bs - trim]
 
-    if fused and (tail == 0 or (not geo.causal and every)):
+    if layout.diagonal_first:
+        mask = geo.diagonal[:, : n * bs]
+        return _fused_part(qs, span(ks, 0, n), span(vs, 0, n), geo.scale, mask=mask)
+    if fused and (tail == 0 or (not geo.causal and layout.every)):
         # Only the padding of a short last key block to hide: trim it.
         trim = geo.nkb * bs - geo.lk if tail else 0
-        return _fused_part(qs, span(ks, 0, n, trim), span(vs, 0, n, trim))
+        return _fused_part(qs, span(ks, 0, n, trim), span(vs, 0, n, trim), geo.scale)
     parts = []
     if tail < n:
         body = (span(ks, 0, n - tail), span(vs, 0, n - tail))
-        parts.append(_fused_part(qs, *body) if fused else _masked_part(qs, *body))
-    tail_kv = (span(ks, n - tail, n), span(vs, n - tail, n))
-    if not tail:
-        pass
-    elif fused and geo.causal and tail == 1 and every and (geo.lk - geo.lq) % bs == 0:
-        # The diagonal block, aligned with the query block: plain causal attention within it.
-        parts.append(_fused_part(qs, *tail_kv, causal=True))
-    else:
-        offsets = torch.arange(bs, device=items.device)
+        parts.append(_fused_part(qs, *body, geo.scale) if fused
+                     else _masked_part(qs, *body, geo.scale))
+    if tail:
+        offsets = torch.arange(bs, device=qs.device)
         key_pos = (cols[:, n - tail :, None] * bs + offsets).flatten(1)  # [N, tail*Bs]
         if geo.causal:  # real rows sit before lk, so this hides the padding keys too
-            row_pos = block[:, None] * bs + offsets + (geo.lk - geo.lq)  # [N, Bs]
+            row_pos = layout.query_block[:, None] * bs + offsets + (geo.lk - geo.lq)  # [N, Bs]
             hidden = key_pos[:, None, :] > row_pos[:, :, None]
         else:
             hidden = (key_pos >= geo.lk)[:, None, :]
-        parts.append(_masked_part(qs, *tail_kv, hidden))
+        parts.append(_masked_part(qs, span(ks, n - tail, n), span(vs, n - tail, n), geo.scale,
+                                  hidden))
     if len(parts) == 1:
         return parts[0]
     (o1, l1), (o2, l2) = parts
@@ -268,11 +370,21 @@ def _attend(items, keep, q_blocks, k_blocks, v_blocks, geo: _Geometry, fused: bo
     return o1 * w1 + o2 * w2, total
 
 
-def _masked_part(qs, ks, vs, hidden=None):
-    """Attention of ``qs [N, Bs, D]`` to ``ks, vs [N, M, D]`` minus the ``hidden`` pairs, with one
-    materialised softmax. Rows that see no key give 0 and a log-sum-exp of ``-inf``; whether a row
-    sees a key comes from ``hidden``, never from the logits, so a NaN input stays NaN."""
-    logits = torch.bmm(qs, ks.transpose(1, 2))
+def _diagonal_first_mask(bs: int, blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[Bs, blocks * Bs]`` hiding the future keys of the first block: the causal
+    diagonal moved to the front. Built once per call and sliced per group (on a loaded machine
+    every op costs a scheduling round); never larger than one group's gathered K/V."""
+    mask = torch.zeros(bs, blocks * bs, dtype=dtype)
+    mask[:, :bs] = torch.full((bs, bs), float("-inf"), dtype=dtype).triu(1)
+    return mask
+
+
+def _masked_part(qs, ks, vs, scale, hidden=None):
+    """Attention of ``qs [N, Bs, D]`` (times ``scale``) to ``ks, vs [N, M, D]`` minus the
+    ``hidden`` pairs, with one materialised softmax. Rows that see no key give 0 and a
+    log-sum-exp of ``-inf``; whether a row sees a key comes from ``hidden``, never from the
+    logits, so a NaN input stays NaN."""
+    logits = torch.bmm(qs, ks.transpose(1, 2)).mul_(scale)
     seen = None
     if hidden is not None:
         logits.masked_fill_(hidden, float("-inf"))
@@ -288,10 +400,13 @@ def _masked_part(qs, ks, vs, hidden=None):
     return out, (row_max + torch.log(denom)).squeeze(-1)
 
 
-def _fused_part(qs, ks, vs, causal=False):
-    """``_masked_part`` without a mask (or top-left causal), through torch's fused CPU
-    flash-attention kernel."""
-    out, lse = _fused_cpu_kernel()(qs[:, None], ks[:, None], vs[:, None], 0.0, causal, scale=1.0)
+def _fused_part(qs, ks, vs, scale, mask=None):
+    """``_masked_part`` through torch's fused CPU flash-attention kernel, with an additive
+    ``mask [Bs, M]`` shared by every item (broadcast, never copied) where given; every row must
+    see a key (the kernel gives such a row a log-sum-exp of 0, not ``-inf``)."""
+    extra = {} if mask is None else {"attn_mask": mask[None, None]}
+    out, lse = _fused_cpu_kernel()(qs[:, None], ks[:, None], vs[:, None], 0.0, False,
+                                   scale=scale, **extra)
     return out[:, 0], lse[:, 0]
 
 
@@ -307,9 +422,13 @@ def _fused_cpu_kernel():
     return kernel
 
 
-def _as_blocks(x: torch.Tensor, bs: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """``[B, H, L, D] -> [B*H*ceil(L/Bs), Bs, D]`` in ``dtype``, zero padded, times ``scale``."""
+def _as_blocks(x: torch.Tensor, bs: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, H, L, D] -> [B*H*ceil(L/Bs), Bs, D]`` in ``dtype``, zero padded: a view where ``x``
+    already is that (contiguous, whole blocks), else one copy."""
     bsz, h, length, d = x.shape
-    padded = x.new_zeros(bsz, h, num_blocks(length, bs) * bs, d, dtype=dtype)
-    padded[:, :, :length] = x if scale == 1.0 else x.to(dtype) * scale
+    if length % bs == 0 and x.dtype == dtype and x.is_contiguous():
+        return x.view(-1, bs, d)
+    padded = x.new_empty(bsz, h, num_blocks(length, bs) * bs, d, dtype=dtype)
+    padded[:, :, :length] = x
+    padded[:, :, length:] = 0  # padding keys are masked, but a hidden weight times NaN is NaN
     return padded.view(-1, bs, d)
