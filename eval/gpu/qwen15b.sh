@@ -44,6 +44,9 @@ pack() {
     local lce; lce=$(python -c "import long_context_eval, os; print(os.path.dirname(long_context_eval.__file__))")
     cp -r "$lce" $tmp/site/ && rm -f $tmp/site/long_context_eval/data/synthetic/json/{squad,hotpotqa}.json
     cp -r "$(python -c "import gguf, os; print(os.path.dirname(gguf.__file__))")" $tmp/site/
+    # gguf's dist-info too: transformers reads gguf's version from it and, without one, stops on
+    # version 'N/A' before it loads the model (run of 2026-12-07: every worker died there).
+    cp -r "$(python -c "import importlib.metadata as m; print(m.distribution('gguf')._path)")" $tmp/site/
     cp -r "$XATTENTION_CACHE/ruler" "$XATTENTION_CACHE/tokenizers" $tmp/cache/
     tar -C $tmp -cf - site cache | xz -6 -T2 > $tmp/extras.tar.xz
     python -m xattention.eval.pieces split $tmp/extras.tar.xz "$gguf" --out .xfer --call-mib "$mib"

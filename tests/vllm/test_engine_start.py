@@ -35,3 +35,33 @@ def test_bad_setting_fails_at_engine_start(case, checkpoint, tmp_path):
     with pytest.raises(ValueError, match=name), engine(checkpoint, env,
                                                         attention_backend="CUSTOM"):
         pass
+
+
+def test_quantised_kv_cache_fails_at_engine_start(checkpoint):
+    """The CPU engine takes an FP8 cache; XAttention reads the cache as it is, so it refuses."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'"), engine(
+            checkpoint, env, attention_backend="CUSTOM", kv_cache_dtype="fp8"):
+        pass
+
+
+def test_backend_declares_what_it_serves():
+    import torch
+    from vllm.v1.attention.backend import AttentionType
+
+    from xattention.integrations.vllm.cpu import XAttentionCPUBackend
+    from xattention.integrations.vllm.plugin import backend_class
+
+    assert backend_class() is XAttentionCPUBackend
+    cls = XAttentionCPUBackend
+    assert cls.supports_kv_cache_dtype("auto") and not cls.supports_kv_cache_dtype("fp8")
+    assert cls.supports_attn_type(AttentionType.DECODER)
+    assert not cls.supports_attn_type(AttentionType.ENCODER_ONLY)
+    assert cls.supports_head_size(64) and cls.supports_dtype(torch.float32)
+    reasons = cls.validate_configuration(
+        head_size=64, dtype=torch.float32, kv_cache_dtype="fp8_e4m3", block_size=32,
+        use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
+        use_per_head_quant_scales=False, device_capability=None,
+        attn_type=AttentionType.ENCODER_ONLY)
+    assert any("kv_cache_dtype" in r for r in reasons)
+    assert any("attention type" in r for r in reasons)

@@ -30,7 +30,7 @@ import inspect
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -151,6 +151,55 @@ def _sub_batch(common: Any, ids: list[int], starts: list[int], q_lens: list[int]
         if cache in fields:
             changes[cache] = None
     return dataclasses.replace(common, **changes), tokens
+
+
+class XAttentionBackendMixin:
+    """Mixed into the backend class (before the engine's own): what XAttention serves, declared
+    where vLLM's selector reads it, so a configuration it cannot serve is refused when the engine
+    starts rather than run dense layer by layer. Per-layer features the engine's kernel serves
+    densely (sliding windows, ALiBi, soft-capping, sinks) stay accepted: those layers run dense
+    with a warning (``_unsupported_reason``)."""
+
+    # XAttention reads K/V straight from the cache: an unquantised one.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    max_head_size: ClassVar[int | None] = None  # the kernels' limit, where there is one
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        sizes = super().get_supported_head_sizes()  # type: ignore[misc]
+        return [s for s in sizes if cls.max_head_size is None or s <= cls.max_head_size]
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        within = cls.max_head_size is None or head_size <= cls.max_head_size
+        return within and super().supports_head_size(head_size)  # type: ignore[misc]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        from vllm.v1.attention.backend import AttentionType
+
+        return attn_type == AttentionType.DECODER  # causal prefill is what XAttention sparsifies
+
+
+def check_engine_config(backend: type, vllm_config: Any) -> None:
+    """Raise ``ValueError`` naming each engine argument ``backend`` cannot serve (the user's
+    process, at engine start: the selector's own check runs later, inside the workers)."""
+    problems = []
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if not backend.supports_kv_cache_dtype(cache_dtype):
+        problems.append(f"kv_cache_dtype={cache_dtype!r} (XAttention reads an unquantised cache; "
+                        f"supported: {backend.supported_kv_cache_dtypes})")
+    model = vllm_config.model_config
+    if model is not None:
+        if not backend.supports_dtype(model.dtype):
+            problems.append(f"dtype={model.dtype} (supported: {backend.supported_dtypes})")
+        head_size = model.get_head_size()
+        if not backend.supports_head_size(head_size):
+            problems.append(f"the model's head size {head_size} (supported: "
+                            f"{backend.get_supported_head_sizes() or 'any'})")
+    if problems:
+        raise ValueError("attention_backend='CUSTOM' (XAttention) cannot serve "
+                         + "; ".join(problems))
 
 
 class XAttentionImplMixin:

@@ -15,7 +15,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from .backend import XAttentionBuilderMixin, XAttentionImplMixin
+from .backend import XAttentionBackendMixin, XAttentionBuilderMixin, XAttentionImplMixin
 
 logger = init_logger("vllm.xattention")  # under "vllm": vLLM's log handler prints it
 _KNOWN_ISAS = ("vec", "vec16")
@@ -36,8 +36,9 @@ class XAttentionCPUImpl(XAttentionImplMixin, CPUAttentionBackendImpl):
     kv_layout = "cpu"
 
 
-class XAttentionCPUBackend(CPUAttentionBackend):
+class XAttentionCPUBackend(XAttentionBackendMixin, CPUAttentionBackend):
     """Selected with ``attention_backend="CUSTOM"`` once the plugin has registered it."""
+
 
     @staticmethod
     def get_name() -> str:

@@ -14,7 +14,7 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from .backend import XAttentionBuilderMixin, XAttentionImplMixin
+from .backend import XAttentionBackendMixin, XAttentionBuilderMixin, XAttentionImplMixin
 
 
 class XAttentionTritonMetadataBuilder(XAttentionBuilderMixin, TritonAttentionMetadataBuilder):
@@ -25,8 +25,10 @@ class XAttentionTritonImpl(XAttentionImplMixin, TritonAttentionImpl):
     kv_layout = "split"
 
 
-class XAttentionCUDABackend(TritonAttentionBackend):
+class XAttentionCUDABackend(XAttentionBackendMixin, TritonAttentionBackend):
     """Selected with ``attention_backend="CUSTOM"`` once the plugin has registered it."""
+
+    max_head_size = 256  # the Triton kernels
 
     @staticmethod
     def get_name() -> str:

@@ -11,8 +11,9 @@ before it builds a model. It
    ``CUSTOM`` choice through (``CudaPlatform`` honours it already);
 3. wraps the platform's ``check_and_update_config``, which runs in the user's process whenever an
    engine configuration is created, to validate the ``XATTENTION_*`` settings (and a profile
-   against the model) when this backend is selected: a bad value raises there, before any worker
-   exists, naming the variable.
+   against the model) and the engine arguments against the capabilities the backend class
+   declares (``XAttentionBackendMixin``) when this backend is selected: a bad value raises
+   there, before any worker exists, naming the variable or argument.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def register() -> None:
     _validate_on_config_check(platform)
 
 
+def backend_class() -> type:
+    """The backend class for the current platform (imports vLLM's attention backends)."""
+    import importlib
+
+    module, _, name = backend_path().rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def _is_ours() -> bool:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -71,6 +80,12 @@ def _let_cpu_honour_custom(platform: type) -> None:
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend == AttentionBackendEnum.CUSTOM and _is_ours() and \
                 not attn_selector_config.use_mla and not attn_selector_config.use_sparse:
+            # What CudaPlatform does for a selected backend: its declared capabilities decide.
+            reasons = backend_class().validate_configuration(
+                device_capability=cls.get_device_capability(), **attn_selector_config._asdict())
+            if reasons:
+                raise ValueError(f"attention_backend='CUSTOM' (XAttention) is not valid for "
+                                 f"this layer: {reasons}")
             logger.info_once("Using the XAttention backend (CUSTOM): %s", _CPU_PATH)
             return AttentionBackendEnum.CUSTOM.get_path()
         return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
@@ -87,11 +102,13 @@ def _validate_on_config_check(platform: type) -> None:
     def check_and_update_config(cls, vllm_config):
         original.__func__(cls, vllm_config)
         if selected(vllm_config):
+            from .backend import check_engine_config
             from .settings import check_against_model, settings_from_env
 
             settings = settings_from_env()
             if vllm_config.model_config is not None:
                 check_against_model(settings, vllm_config.model_config.hf_text_config)
+            check_engine_config(backend_class(), vllm_config)
 
     setattr(check_and_update_config, _MARK, True)
     platform.check_and_update_config = classmethod(check_and_update_config)
