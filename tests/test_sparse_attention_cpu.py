@@ -225,3 +225,14 @@ def test_aligned_causal_diagonal_is_one_masked_fused_call_per_group(make_qkv, ge
     _assert_exact(out, q, k, v, mask, 16, True)
     counts = (mask & ref_candidates(lq, lk, 16, True)).sum(-1).unique()
     assert len(calls) == counts.numel() and all(calls)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_every_block_dropped_gives_zeros_and_minus_inf_lse(make_qkv, softmax_path, causal):
+    """A user mask that keeps nothing (every group has zero blocks) is the FlashAttention
+    convention everywhere, not a crash."""
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 16)
+    mask = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    out, lse = _run(q, k, v, mask, 16, causal, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()

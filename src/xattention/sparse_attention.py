@@ -182,7 +182,7 @@ def block_sparse_attention_torch(
     # (A sum is one reduction where isfinite().all() is four; its overflow only costs speed.)
     diagonal = None
     if fused and causal and (lk - lq) % bs == 0 and bool(torch.isfinite(k_blocks.sum())):
-        diagonal = _diagonal_first_mask(bs, int(counts.max()), work)
+        diagonal = _diagonal_first_mask(bs, max(int(counts.max()), 1), work)  # 0: all dropped
     geo = _Geometry(lq, lk, bs, nqb, nkb, hq, hkv, causal, diagonal, scale)
     out = new_output((b * hq * nqb, bs, v.shape[-1]), q.dtype, dev)
     lse = new_output((b * hq * nqb, bs if need_lse else 0), torch.float32, dev)
