@@ -193,13 +193,18 @@ def block_sparse_attention_torch(
         group = group + _last_block_partial(keep, counts, geo)
     order = torch.argsort(group, stable=True)
     runs, sizes = torch.unique_consecutive(group[order], return_counts=True)
-    # Gathered K and V, Q and the output (twice) per item, plus logits where they are
-    # materialised (the fused kernel keeps its own in per-thread tiles).
-    explicit = 0 if fused and (not causal or diagonal is not None) else (2 if fused else None)
 
     def per_item(g: int) -> int:
+        """Gathered K and V, Q and the output (twice) per item, plus the logits of the blocks
+        whose softmax is materialised (the fused kernel keeps its own in per-thread tiles)."""
         n = g // 2
-        return 2 * n * bs * d + 3 * bs * d + 4 * bs * bs * (n if explicit is None else explicit)
+        if not fused:
+            explicit = n
+        elif causal and diagonal is None:
+            explicit = 2  # the diagonal band, masked explicitly
+        else:
+            explicit = 0
+        return 2 * n * bs * d + 3 * bs * d + 4 * bs * bs * explicit
 
     for start, pieces in _chunks(runs.tolist(), sizes.tolist(), per_item, _CHUNK_ELEMENTS):
         items = order[start : start + sum(c for _, c in pieces)]
@@ -254,12 +259,19 @@ def _last_block_partial(keep: torch.Tensor, counts: torch.Tensor, geo: _Geometry
     causal diagonal, or a short last key block), else 0."""
     idx = torch.arange(geo.nkb, device=keep.device)
     last = torch.where(keep, idx, -1).amax(-1)
-    key_end = (last + 1) * geo.bs
+    block = torch.arange(keep.shape[0], device=keep.device) % geo.nqb
+    return (_needs_token_mask(last, block, geo) & (counts > 0)).long()
+
+
+def _needs_token_mask(key_block: torch.Tensor, query_block: torch.Tensor,
+                      geo: _Geometry) -> torch.Tensor:
+    """Whether key block ``key_block`` needs a token mask for query block ``query_block``
+    (broadcast): it ends past the last key, or (causal) after the query block's first row."""
+    key_end = (key_block + 1) * geo.bs
     partial = key_end > geo.lk
     if geo.causal:
-        block = torch.arange(keep.shape[0], device=keep.device) % geo.nqb
-        partial = partial | (key_end - 1 > block * geo.bs + (geo.lk - geo.lq))
-    return (partial & (counts > 0)).long()
+        partial = partial | (key_end - 1 > query_block * geo.bs + (geo.lk - geo.lq))
+    return partial
 
 
 def _attend_chunk(items, pieces, keep, q_blocks, k_blocks, v_blocks, geo: _Geometry, fused: bool):
@@ -310,18 +322,15 @@ class _PieceLayout:
 
 
 def _piece_layout(items, keep, n: int, geo: _Geometry, fused: bool) -> _PieceLayout:
-    num, bs = items.numel(), geo.bs
+    num = items.numel()
     cols = torch.nonzero(keep)[:, 1].view(num, n)  # ascending kept key blocks
     head, block = items // geo.nqb, items % geo.nqb  # head = batch * Hq + query head
     kv = (head // geo.hq) * geo.hkv + (head % geo.hq) // (geo.hq // geo.hkv)
     tail, every, diagonal_first = 0, False, False
     if n:
-        # A kept block needs a token mask when it ends after the item's first row (causal) or
-        # past the last key. Those blocks have the highest indices among the kept ones.
-        key_end = (cols[:, -min(n, 2):] + 1) * bs
-        partial = key_end > geo.lk
-        if geo.causal:
-            partial = partial | (key_end - 1 > (block * bs + (geo.lk - geo.lq))[:, None])
+        # Blocks that need a token mask have the highest indices among the kept ones (at most
+        # two: the diagonal band, the short last key block).
+        partial = _needs_token_mask(cols[:, -min(n, 2):], block[:, None], geo)
         tail = int(partial.sum(-1).max())
         every = bool(partial[:, -1].all())
         # Causal with query blocks aligned to key blocks: the one partial block is the diagonal,

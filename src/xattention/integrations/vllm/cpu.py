@@ -39,7 +39,6 @@ class XAttentionCPUImpl(XAttentionImplMixin, CPUAttentionBackendImpl):
 class XAttentionCPUBackend(XAttentionBackendMixin, CPUAttentionBackend):
     """Selected with ``attention_backend="CUSTOM"`` once the plugin has registered it."""
 
-
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"
