@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=2000, help="approximate prompt length (tokens)")
     p.add_argument("--tokens", dest="length", type=int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # its old name
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threshold", type=float, default=0.95)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -32,7 +32,7 @@ from .block_layout import BlockLayout
 from .estimate import _estimate_with_flags
 from .kernels.dense import dense_attention, dense_block_mask
 from .plan import SparsePlan
-from .selection import _select_plan
+from .selection import DEFAULT_THRESHOLD, _select_plan
 from .sparse_attention import _sparse_attention
 
 
@@ -63,7 +63,7 @@ def xattention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    threshold: float | torch.Tensor = 0.9,
+    threshold: float | torch.Tensor = DEFAULT_THRESHOLD,
     stride: int = 8,
     block_size: int = 128,
     causal: bool = True,
@@ -130,9 +130,9 @@ def xattention(
     return from_bhsd(run_call(q, k, v, spec), spec.bshd)
 
 
-def check_call(q, k, v, *, threshold=0.9, stride=8, block_size=128, causal=True, scale=None,
-               backend="auto", return_mask=False, min_sparse_len=None, estimate_dtype=None,
-               return_lse=False, layout="bhsd", return_plan=False
+def check_call(q, k, v, *, threshold=DEFAULT_THRESHOLD, stride=8, block_size=128, causal=True,
+               scale=None, backend="auto", return_mask=False, min_sparse_len=None,
+               estimate_dtype=None, return_lse=False, layout="bhsd", return_plan=False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, CallSpec]:
     """Validate an ``xattention()`` call once: ``(q, k, v as [B, H, L, D] views, spec)``."""
     q, k, v, bshd = as_bhsd(layout, q, k, v)

@@ -25,6 +25,7 @@ import torch
 
 from ._validation import from_bhsd
 from .api import CallSpec, check_call, run_call
+from .selection import DEFAULT_THRESHOLD
 
 
 @dataclass
@@ -57,7 +58,7 @@ class XAttentionGraph:
         out = graph(q2, k2, v2)       # same shape: copies the inputs in and replays
     """
 
-    def __init__(self, *, threshold: float | torch.Tensor = 0.9, stride: int = 8,
+    def __init__(self, *, threshold: float | torch.Tensor = DEFAULT_THRESHOLD, stride: int = 8,
                  block_size: int = 128, causal: bool = True, scale: float | None = None,
                  backend: str = "auto", min_sparse_len: int | None = None,
                  estimate_dtype: torch.dtype | None = None, layout: str = "bhsd",

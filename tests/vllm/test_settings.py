@@ -13,7 +13,7 @@ from xattention.integrations.vllm.settings import check_against_model, settings_
 
 def test_defaults():
     s = settings_from_env({})
-    assert (s.threshold, s.stride, s.block_size, s.min_prefill_len) == (0.9, 8, 128, 128)
+    assert (s.threshold, s.stride, s.block_size, s.min_prefill_len) == (0.95, 8, 128, 128)
     assert s.thresholds is None and s.dense_layers == () and s.stats_dir is None
     assert settings_from_env({"XATTENTION_BLOCK_SIZE": "64"}).min_prefill_len == 64
     assert s.estimate_dtype is None

@@ -9,6 +9,7 @@ import torch
 
 from ..._backend import warn_once
 from ..._validation import check_backend, check_bool, check_estimate_dtype
+from ...selection import DEFAULT_THRESHOLD
 from .._common.layers import layer_set
 from .._common.options import (
     UNSET,
@@ -51,7 +52,7 @@ def _check_model(model: Any) -> Any:
 def enable(
     model: torch.nn.Module,
     *,
-    threshold: float = 0.9,
+    threshold: float = DEFAULT_THRESHOLD,
     thresholds: Any = None,
     stride: int | None = None,
     block_size: int | None = None,

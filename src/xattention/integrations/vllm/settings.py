@@ -12,7 +12,7 @@ worker.
 ======================== ======== ===============================================================
 variable                 default  meaning
 ======================== ======== ===============================================================
-XATTENTION_THRESHOLD     0.9      cumulative-score threshold, in (0, inf); >= 1 keeps every block
+XATTENTION_THRESHOLD     0.95     cumulative-score threshold, in (0, inf); >= 1 keeps every block
 XATTENTION_STRIDE        8        antidiagonal stride; divides the block size
 XATTENTION_BLOCK_SIZE    128      block edge of the sparsity pattern (not vLLM's KV page size)
 XATTENTION_PROFILE       (none)   per-(layer, head) threshold profile (``xattention calibrate``);
@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ...selection import DEFAULT_THRESHOLD
 from .._common.layers import layer_set, parse_layer_list
 from .._common.thresholds import DEFAULT_BLOCK_SIZE, DEFAULT_STRIDE, check_number, load_profile
 
@@ -56,7 +57,7 @@ VARIABLES = (THRESHOLD, STRIDE, BLOCK_SIZE, PROFILE, DENSE_LAYERS, MIN_PREFILL_L
 class XAttentionSettings:
     """Validated settings; ``thresholds`` is the profile's ``[layer][query head]`` table or None."""
 
-    threshold: float = 0.9
+    threshold: float = DEFAULT_THRESHOLD
     stride: int = 8
     block_size: int = 128
     thresholds: tuple[tuple[float, ...], ...] | None = None
@@ -97,7 +98,7 @@ def _positive_int(env: Mapping[str, str], name: str, default: int, minimum: int 
 def _threshold(env: Mapping[str, str]) -> float:
     raw = _get(env, THRESHOLD)
     if raw is None:
-        return 0.9
+        return DEFAULT_THRESHOLD
     try:
         value = float(raw)
     except ValueError:
