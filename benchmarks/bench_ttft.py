@@ -17,7 +17,8 @@ block density, per layer and overall (one more run with the statistics on; the t
 them off, so no host sync is timed).
 
 ``--layers`` also times single layers: the post-RoPE Q/K/V of those layers at each length, and
-``xattention()`` forced sparse on them against cuDNN (``bench_xattention.time_xattention``).
+``xattention()`` forced sparse on them against cuDNN (``bench_xattention.time_xattention``), eager
+and replayed from a CUDA graph (``--no-layer-graph``: eager only; ``--layers-only``: no TTFT).
 Results: ``results/<name>.{json,md}`` (and ``<name>_layers``), written after every length.
 """
 
@@ -165,7 +166,7 @@ def bench_layers(model, tokenizer, length: int, layers: list[int], args) -> list
             m = Method.parse(spec)
             rows.append(base | {"method": m.name}
                         | bx.time_xattention(q, k, v, ref, m.threshold, m.stride, m.block_size,
-                                             cudnn_ms,
+                                             cudnn_ms, graph=args.layer_graph,
                                              estimate_dtype=_ESTIMATE_DTYPES[m.estimate_dtype]))
     del caps
     torch.cuda.empty_cache()
@@ -184,7 +185,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--layers", default="", help="also time these layers alone, e.g. 0,9,18,27")
     ap.add_argument("--layer-methods", nargs="+", default=["t0.9-s8", "t0.9-s16"])
+    ap.add_argument("--no-layer-graph", dest="layer_graph", action="store_false",
+                    help="time single layers eagerly only (default: also replayed from a CUDA "
+                         "graph, XAttentionGraph)")
+    ap.add_argument("--layers-only", action="store_true",
+                    help="skip the whole-model time to first token (single layers only)")
     ap.add_argument("--name", default="ttft_qwen15b")
+    ap.add_argument("--layers-name", default=None,
+                    help="results name of the single-layer table (default: <name>_layers)")
     args = ap.parse_args()
 
     from xattention.eval.models import load_model
@@ -200,20 +208,24 @@ def main() -> None:
     rows, layer_rows = [], []
     layers = [int(x) for x in args.layers.split(",") if x]
     cols = ["L", "method", "ttft_ms", "speedup_vs_cudnn", "attention_share", "density"]
-    layer_cols = ["layer", "L", "method", "ms", "density", "speedup_vs_cudnn", "rel_err"]
+    layer_cols = ["layer", "L", "method", "ms", "graph_ms", "density", "speedup_vs_cudnn",
+                  "graph_vs_cudnn", "rel_err"]
     with torch.no_grad():
         for length in parse_lengths(args.lengths):
-            rows += bench_model(model, tokenizer, length, methods, args.runs)
-            write_results(args.name, meta, rows, cols,
-                          f"Time to first token, {args.model}, transformers, B=1, bf16")
-            print_table([r for r in rows if r["L"] == length], cols)
+            if not args.layers_only:
+                rows += bench_model(model, tokenizer, length, methods, args.runs)
+                write_results(args.name, meta, rows, cols,
+                              f"Time to first token, {args.model}, transformers, B=1, bf16")
+                print_table([r for r in rows if r["L"] == length], cols)
             if layers:
                 layer_rows += bench_layers(model, tokenizer, length, layers, args)
-                write_results(args.name + "_layers", meta, layer_rows, layer_cols,
+                write_results(args.layers_name or args.name + "_layers", meta, layer_rows,
+                              layer_cols,
                               f"Single {args.model} layers: xattention() forced sparse vs "
                               "cuDNN, captured Q/K/V, bf16, causal")
             torch.cuda.empty_cache()
-    print_table(rows, cols)
+    if rows:
+        print_table(rows, cols)
     if layer_rows:
         print_table(layer_rows, layer_cols)
 

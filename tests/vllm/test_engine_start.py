@@ -8,7 +8,7 @@ failed" RuntimeError, not as a ValueError naming the setting.
 from __future__ import annotations
 
 import pytest
-from conftest import engine
+from conftest import engine, on_cpu
 
 from xattention.calibration import ThresholdProfile
 
@@ -38,7 +38,7 @@ def test_bad_setting_fails_at_engine_start(case, checkpoint, tmp_path):
 
 
 def test_quantised_kv_cache_fails_at_engine_start(checkpoint):
-    """The CPU engine takes an FP8 cache; XAttention reads the cache as it is, so it refuses."""
+    """Both engines take an FP8 cache; XAttention reads the cache as it is, so it refuses."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8'"), engine(
             checkpoint, env, attention_backend="CUSTOM", kv_cache_dtype="fp8"):
@@ -49,11 +49,10 @@ def test_backend_declares_what_it_serves():
     import torch
     from vllm.v1.attention.backend import AttentionType
 
-    from xattention.integrations.vllm.cpu import XAttentionCPUBackend
     from xattention.integrations.vllm.plugin import backend_class
 
-    assert backend_class() is XAttentionCPUBackend
-    cls = XAttentionCPUBackend
+    cls = backend_class()
+    assert cls.__name__ == ("XAttentionCPUBackend" if on_cpu() else "XAttentionCUDABackend")
     assert cls.supports_kv_cache_dtype("auto") and not cls.supports_kv_cache_dtype("fp8")
     assert cls.supports_attn_type(AttentionType.DECODER)
     assert not cls.supports_attn_type(AttentionType.ENCODER_ONLY)

@@ -17,15 +17,20 @@ from xattention.integrations.vllm.paged import gather_kv
 
 def write_paged(k: torch.Tensor, v: torch.Tensor, num_pages: int, page: int, layout: str,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter ``k, v [Hkv, L, D]`` into a NaN cache ``[num_pages, Hkv, page, 2D]`` over random
-    pages; returns ``(cache, block_table)``."""
+    """Scatter ``k, v [Hkv, L, D]`` into a NaN cache ``[num_pages, Hkv, page, 2D]`` (``stacked``:
+    ``[num_pages, 2, page, Hkv, D]``) over random pages; returns ``(cache, block_table)``."""
     heads, length, dim = k.shape
     used = -(-length // page)
     table = torch.randperm(num_pages, generator=gen)[:used + 2].to(torch.int32)  # 2 unused pages
-    cache = torch.full((num_pages, heads, page, 2 * dim), float("nan"), dtype=k.dtype)
+    shape = (num_pages, 2, page, heads, dim) if layout == "stacked" else \
+        (num_pages, heads, page, 2 * dim)
+    cache = torch.full(shape, float("nan"), dtype=k.dtype)
     for t in range(length):
         blk, slot = int(table[t // page]), t % page
-        if layout == "split":
+        if layout == "stacked":
+            cache[blk, 0, slot] = k[:, t]
+            cache[blk, 1, slot] = v[:, t]
+        elif layout == "split":
             cache[blk, :, slot, :dim] = k[:, t]
             cache[blk, :, slot, dim:] = v[:, t]
         else:  # per (page, head): K^T [D, page] then V [page, D]
@@ -35,7 +40,7 @@ def write_paged(k: torch.Tensor, v: torch.Tensor, num_pages: int, page: int, lay
     return cache.to(k.device), table.to(k.device)
 
 
-@pytest.mark.parametrize("layout", ["cpu", "split"])
+@pytest.mark.parametrize("layout", ["cpu", "split", "stacked"])
 @pytest.mark.parametrize("length, page", [(1, 16), (37, 16), (96, 32), (161, 32)])
 def test_gather_returns_what_was_written(layout, length, page, gen):
     heads, dim = 3, 16
@@ -78,17 +83,18 @@ def _chunk_against_dense(device: str, dtype: torch.dtype, layout: str, gen: torc
     torch.testing.assert_close(sparse, direct, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layout", ["cpu", "split"])
+@pytest.mark.parametrize("layout", ["cpu", "split", "stacked"])
 def test_prefill_chunk_over_paged_cache_matches_dense(layout, gen):
     _chunk_against_dense("cpu", torch.float32, layout, gen, backend="torch")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["split", "stacked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_prefill_chunk_over_paged_cache_matches_dense_gpu(dtype, gen, monkeypatch):
+def test_prefill_chunk_over_paged_cache_matches_dense_gpu(dtype, layout, gen, monkeypatch):
     monkeypatch.setenv("XATTENTION_POISON_OUTPUTS", "1")
-    _chunk_against_dense("cuda", dtype, "split", gen, backend="auto")
+    _chunk_against_dense("cuda", dtype, layout, gen, backend="auto")
 
 
 def test_gather_rejects_bad_input():
@@ -106,3 +112,5 @@ def test_gather_rejects_bad_input():
         gather_kv(cache[0], table, 8, "split")
     with pytest.raises(ValueError, match="head_dim"):
         gather_kv(cache, table, 8, "split", head_dim=16)
+    with pytest.raises(ValueError, match="stacked"):
+        gather_kv(cache, table, 8, "stacked")  # a 4-D cache is not vLLM 0.25's 5-D one

@@ -33,10 +33,11 @@ def register_cli(subparsers: Any) -> None:
                help="prompt lengths in tokens, one or more")
     r.add_argument("--tasks", nargs="+", default=None,
                    help="RULER task names, or 'all', 'default', 'cpu' (default: default)")
-    r.add_argument("--samples", type=_per_length_arg, nargs="+", default=[10],
+    # Defaults in the parsed form: argparse does not pass a list default through `type`.
+    r.add_argument("--samples", type=_per_length_arg, nargs="+", default=[(None, 10)],
                    metavar="N|LENGTH=N",
                    help="samples per (task, length): N for every length, LENGTH=N for one "
-                        "(e.g. --samples 40 32768=24)")
+                        "(e.g. --samples 40 32768=24; default: 10)")
     r.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
                    help="the methods to run, instead of full + --thresholds x --strides: "
                         "full, t0.9-s8, t0.9-s8-b64, t0.9-s8-fp8 (FP8 estimate), "
@@ -50,10 +51,11 @@ def register_cli(subparsers: Any) -> None:
     r.add_argument("--profile", action="append", default=[], metavar="JSON[=LABEL]",
                    help="also run XAttention with this calibration profile (repeatable); "
                         "LABEL names the method in the results (default: profile-<file stem>)")
-    r.add_argument("--batch-size", type=_per_length_arg, nargs="+", default=[1],
+    r.add_argument("--batch-size", type=_per_length_arg, nargs="+", default=[(None, 1)],
                    metavar="N|LENGTH=N",
                    help="samples of one task answered together (left-padded; faster on a GPU): "
-                        "N for every length, LENGTH=N for one (e.g. --batch-size 8 32768=2)")
+                        "N for every length, LENGTH=N for one (e.g. --batch-size 8 32768=2; "
+                        "default: 1)")
     r.add_argument("--round-samples", type=int, default=None,
                    help="samples per length in one round of the breadth-first order "
                         "(default: the largest batch size)")

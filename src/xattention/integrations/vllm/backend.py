@@ -205,7 +205,7 @@ def check_engine_config(backend: type, vllm_config: Any) -> None:
 class XAttentionImplMixin:
     """Mixed into the engine's attention implementation (before it in the bases)."""
 
-    kv_layout: str  # "cpu" or "split", see paged.py
+    kv_layout: str  # "cpu", "split" or "stacked", see paged.py
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

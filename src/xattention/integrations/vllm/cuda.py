@@ -1,9 +1,10 @@
 """XAttention on vLLM's CUDA platform: vLLM's Triton backend, with XAttention prefill.
 
 Decode and short chunks run on vLLM's Triton attention kernels and its KV cache writes are
-inherited (layout ``"split"`` in ``paged.py``); prefill rows are gathered per request into
-contiguous K/V and run through XAttention's Triton kernels. Not exercised in this repository's
-CI (no CUDA build of vLLM there): the gather and the kernels are tested on the GPU on their own.
+inherited (layout ``"stacked"`` on vLLM 0.25, ``"split"`` on 0.32: ``paged.py``); prefill rows
+are gathered per request into contiguous K/V and run through XAttention's Triton kernels. Not
+exercised in this repository's CI (no CUDA build of vLLM there): ``eval/gpu/vllm_cuda.sh tests``
+runs ``tests/vllm`` on the lent GPU with vLLM 0.25.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ class XAttentionTritonMetadataBuilder(XAttentionBuilderMixin, TritonAttentionMet
     pass
 
 
+def _triton_cache_layout() -> str:
+    """vLLM 0.25's Triton cache stacks K and V on dim 1 (5-D); 0.32's splits the last dim (4-D)."""
+    shape = TritonAttentionBackend.get_kv_cache_shape(1, 16, 1, 8)
+    return "stacked" if len(shape) == 5 else "split"
+
+
 class XAttentionTritonImpl(XAttentionImplMixin, TritonAttentionImpl):
-    kv_layout = "split"
+    kv_layout = _triton_cache_layout()
 
 
 class XAttentionCUDABackend(XAttentionBackendMixin, TritonAttentionBackend):

@@ -1,10 +1,10 @@
 """Read one request's keys and values out of vLLM's paged KV cache.
 
-vLLM hands every attention layer its cache as a tensor of logical shape
-``[num_blocks, num_kv_heads, page_size, 2 * head_dim]``; a request's tokens live in the pages its
-row of the block table lists, token ``t`` at page ``block_table[t // page_size]``, slot
-``t % page_size``. Two memory layouts exist behind that shape (checked against vLLM 0.32's
-kernels by ``tests/vllm/test_engine_layout.py``):
+vLLM hands every attention layer its cache as one tensor; a request's tokens live in the pages
+its row of the block table lists, token ``t`` at page ``block_table[t // page_size]``, slot
+``t % page_size``. vLLM 0.32's backends use the logical shape
+``[num_blocks, num_kv_heads, page_size, 2 * head_dim]``, with two memory layouts behind it
+(checked against the engines' own cache writers by ``tests/vllm/test_engine_layout.py``):
 
 * ``"cpu"``: the CPU backend's ``vec``/``vec16`` kernels. Per (page, KV head) the
   ``2 * page_size * head_dim`` values hold K *transposed*, ``[head_dim, page_size]``, followed by
@@ -12,6 +12,12 @@ kernels by ``tests/vllm/test_engine_layout.py``):
 * ``"split"``: the CUDA backends (Triton, FlashAttention): per token and KV head, K is
   ``[..., :head_dim]`` and V ``[..., head_dim:]``; the strides may be permuted (vLLM's
   ``KVCacheLayout``), which indexing handles.
+
+vLLM 0.25's CUDA backends (the CUDA engine this package runs on) stack K and V on a dimension of
+their own instead:
+
+* ``"stacked"``: ``[num_blocks, 2, page_size, num_kv_heads, head_dim]``, K at ``[:, 0]`` and V at
+  ``[:, 1]``.
 
 ``gather_kv`` copies the first ``seq_len`` tokens into contiguous ``[1, Hkv, seq_len, D]``
 tensors, the shape :func:`xattention.xattention` takes (Triton kernels on CUDA). The copy is
@@ -23,17 +29,25 @@ from __future__ import annotations
 
 import torch
 
-LAYOUTS = ("cpu", "split")
+LAYOUTS = ("cpu", "split", "stacked")
 
 
 def _check_inputs(kv_cache: object, block_table: object, seq_len: object, layout: object,
                   head_dim: object) -> tuple[int, int, int, int]:
-    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4:
-        raise ValueError("kv_cache must be a tensor [num_blocks, num_kv_heads, page_size, "
-                         f"2 * head_dim], got {getattr(kv_cache, 'shape', type(kv_cache))}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    num_blocks, _, page, width = kv_cache.shape
+    shape = getattr(kv_cache, "shape", type(kv_cache))
+    if layout == "stacked":
+        if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
+            raise ValueError("kv_cache (layout='stacked') must be a tensor [num_blocks, 2, "
+                             f"page_size, num_kv_heads, head_dim], got {shape}")
+        num_blocks, _, page, _, dim = kv_cache.shape
+        width = 2 * dim
+    else:
+        if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4:
+            raise ValueError(f"kv_cache (layout={layout!r}) must be a tensor [num_blocks, "
+                             f"num_kv_heads, page_size, 2 * head_dim], got {shape}")
+        num_blocks, _, page, width = kv_cache.shape
     if head_dim is None:
         if width % 2:
             raise ValueError(f"kv_cache's last dim ({width}) must be 2 * head_dim")
@@ -68,11 +82,12 @@ def gather_kv(
     """Contiguous ``k, v [1, Hkv, seq_len, D]`` of one request from a paged cache.
 
     Args:
-        kv_cache: one layer's cache, ``[num_blocks, Hkv, page_size, 2 * D]`` (see module doc).
+        kv_cache: one layer's cache, ``[num_blocks, Hkv, page_size, 2 * D]`` (``"stacked"``:
+            ``[num_blocks, 2, page_size, Hkv, D]``; see module doc).
         block_table: the request's block-table row (page ids, int32/int64, on the cache's
             device); entries past ``ceil(seq_len / page_size)`` are ignored.
         seq_len: number of context tokens to read (the request's ``seq_lens`` entry).
-        layout: ``"cpu"`` or ``"split"`` (module doc).
+        layout: ``"cpu"``, ``"split"`` or ``"stacked"`` (module doc).
         head_dim: ``D``; default ``kv_cache.shape[-1] // 2``.
 
     Example:
@@ -86,6 +101,9 @@ def gather_kv(
     if layout == "split":
         k_pages = kv_cache[ids, :, :, :head_dim]          # [pages, Hkv, page, D]
         v_pages = kv_cache[ids, :, :, head_dim:]
+    elif layout == "stacked":
+        k_pages = kv_cache[ids, 0].transpose(1, 2)        # [pages, page, Hkv, D] -> Hkv second
+        v_pages = kv_cache[ids, 1].transpose(1, 2)
     else:
         # Each (page, head) row of 2*page*D values is [K^T (D x page) | V (page x D)].
         # A view, never a copy of the whole cache: the CPU cache is contiguous per page and head.
@@ -97,7 +115,7 @@ def gather_kv(
         sel = rows[ids]                                    # [pages, Hkv, 2, page*D]
         k_pages = sel[:, :, 0].unflatten(-1, (head_dim, page)).transpose(-1, -2)
         v_pages = sel[:, :, 1].unflatten(-1, (page, head_dim))
-    heads = kv_cache.shape[1]
+    heads = k_pages.shape[1]
     k = k_pages.transpose(0, 1).reshape(heads, pages * page, head_dim)[:, :seq_len]
     v = v_pages.transpose(0, 1).reshape(heads, pages * page, head_dim)[:, :seq_len]
     return k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous()
