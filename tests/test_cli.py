@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -162,3 +163,20 @@ def test_calibrate_prints_json_only_when_verbose_and_its_warning_once(monkeypatc
     assert err.count("effectively dense") == 1 and "RuntimeWarning" not in err
     assert main([*argv, "--verbose"]) == 0
     assert '"search"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset, torch_first, expected", [
+    (None, False, "PASSIVE"),    # the CLI's choice, before torch loads OpenMP
+    ("ACTIVE", False, "ACTIVE"),  # the user's choice stands
+    (None, True, None),          # too late once torch is loaded: left alone, not half-applied
+])
+def test_cli_makes_openmp_waiters_passive(preset, torch_first, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os, sys\n" + ("import torch\n" if torch_first else "")
+            + "from xattention.cli import _passive_openmp\n_passive_openmp()\n"
+            + "print(os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(expected)

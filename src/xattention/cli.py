@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -160,8 +161,20 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.
     return parser
 
 
+def _passive_openmp() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy, while torch is not yet loaded
+    (OpenMP reads it once, when torch's library loads). OpenMP's default has idle threads spin
+    after every parallel region; on a machine shared with other work they take cores from the
+    threads they wait for, and the torch path's estimate and selection, made of many parallel
+    ops, slowed ~4x at a load of 3 on 2 cores where dense SDPA slowed ~2.5x. With PASSIVE both
+    slow alike, and a quiet machine loses nothing (benchmarks/results/cpu_load.md)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _passive_openmp()
     command = _command_of(argv)
     parser = build_parser(command, lazy=True)
     args = parser.parse_args(argv)

@@ -96,7 +96,8 @@ def _warn_if_oversubscribed(threads: int) -> None:
     then slows down several times while one fused kernel (dense SDPA) barely does."""
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if threads > 1 and load > cores and "OMP_WAIT_POLICY" not in os.environ:
+    # The CLI makes the waiters passive unless the user chose otherwise (cli._passive_openmp).
+    if threads > 1 and load > cores and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print(f"Note: this CPU is oversubscribed (load average {load:.1f} on {cores} cores), "
               "which slows XAttention's many small parallel steps\nmore than dense SDPA's one "
               "kernel; for a fair timing run with OMP_WAIT_POLICY=PASSIVE or --threads 1.")

@@ -171,6 +171,7 @@ class AttentionStats:
             "overall": self.overall(),
             "per_layer": {str(i): s.density for i, s in items},
             "per_head": {str(i): [round(float(x), 6) for x in s.per_head] for i, s in items},
+            "candidates": {str(i): s.total for i, s in items},  # per head (merging needs it)
             "sparse_calls": {str(i): s.sparse_calls for i, s in items},
             "dense_calls": {str(i): s.dense_calls for i, s in items},
         }

@@ -63,13 +63,17 @@ def flush(stats_dir: str | None, rank: int) -> None:
     _dirty = False
 
 
-def read_stats(stats_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
-    """``{rank: summary}`` written by the workers (keys of ``AttentionStats.as_dict``).
+def read_stats(stats_dir: str | os.PathLike[str], *, merge: bool = False) -> dict[Any, Any]:
+    """``{rank: summary}`` written by the workers (keys of ``AttentionStats.as_dict``); with
+    ``merge=True`` one summary of the whole model over every rank (:func:`merge_ranks`).
 
     Example:
         >>> read_stats("/tmp/xa-stats")[0]["overall"]     # doctest: +SKIP
         0.37
+        >>> read_stats("/tmp/xa-stats", merge=True)["per_head"]["0"]  # all heads  # doctest: +SKIP
     """
+    if not isinstance(merge, bool):
+        raise TypeError(f"merge must be a bool, got {type(merge).__name__}")
     folder = Path(stats_dir)
     if not folder.is_dir():
         raise ValueError(f"stats_dir {str(folder)!r} does not exist: set XATTENTION_STATS_DIR "
@@ -78,4 +82,34 @@ def read_stats(stats_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
     for path in sorted(folder.glob("rank*.json")):
         data = json.loads(path.read_text())
         out[int(data["rank"])] = data
-    return out
+    return merge_ranks(out) if merge else out
+
+
+def merge_ranks(per_rank: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One summary from the tensor-parallel ranks' own: rank ``r`` holds a contiguous slice of
+    the query heads, so a layer's heads are the ranks' lists in rank order, and its density is
+    kept over candidate blocks summed over every rank's heads. Call counts are rank 0's (every
+    rank runs every call)."""
+    if not per_rank:
+        raise ValueError("no rank wrote statistics: run a prefill through the backend first")
+    ranks = sorted(per_rank)
+    layers = sorted({int(i) for r in ranks for i in per_rank[r]["per_head"]})
+    per_head, per_layer = {}, {}
+    kept_all = total_all = 0.0
+    for i in layers:
+        heads, kept, total = [], 0.0, 0.0
+        for r in ranks:
+            data = per_rank[r]
+            densities = data["per_head"].get(str(i), [])
+            candidates = float(data.get("candidates", {}).get(str(i), 1.0))
+            heads += densities
+            kept += sum(densities) * candidates
+            total += candidates * len(densities)
+        per_head[str(i)] = heads
+        per_layer[str(i)] = kept / total if total else float("nan")
+        kept_all += kept
+        total_all += total
+    first = per_rank[ranks[0]]
+    return {"ranks": ranks, "overall": kept_all / total_all if total_all else float("nan"),
+            "per_layer": per_layer, "per_head": per_head,
+            "sparse_calls": first["sparse_calls"], "dense_calls": first["dense_calls"]}
