@@ -22,7 +22,7 @@ import pytest
 _spec = importlib.util.find_spec("vllm")
 HAVE_VLLM = _spec is not None and _spec.origin is not None
 NEEDS_VLLM = ["test_engine_equal.py", "test_engine_needle.py", "test_engine_layout.py",
-              "test_engine_start.py"]
+              "test_engine_start.py", "test_engine_tp.py", "test_serve.py"]
 collect_ignore = [] if HAVE_VLLM else NEEDS_VLLM
 
 ENGINE_ARGS = dict(
