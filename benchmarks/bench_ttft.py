@@ -102,7 +102,8 @@ def ttft(model, ids, runs: int) -> dict:
             "attention_ms": attention, "attention_share": attention / total}
 
 
-def bench_model(model, tokenizer, length: int, methods, runs: int) -> list[dict]:
+def bench_model(model, tokenizer, length: int, methods, runs: int,
+                cuda_graphs: bool = False) -> list[dict]:
     from xattention.eval.runner import _ESTIMATE_DTYPES
     from xattention.integrations import transformers as xt
 
@@ -128,6 +129,13 @@ def bench_model(model, tokenizer, length: int, methods, runs: int) -> list[dict]
             row = {"L": length, "method": label} | ttft(model, ids, runs)
         finally:
             xt.disable(model)
+        graph_row = None
+        if cuda_graphs:  # the same, every layer's sparse call replayed (the warm-ups capture)
+            xt.enable(model, record_stats=False, cuda_graphs=True, **kwargs)
+            try:
+                graph_row = {"L": length, "method": label + "+graph"} | ttft(model, ids, runs)
+            finally:
+                xt.disable(model)
         xt.enable(model, record_stats=True, **kwargs)
         try:
             xt.reset_stats(model)
@@ -139,6 +147,8 @@ def bench_model(model, tokenizer, length: int, methods, runs: int) -> list[dict]
         finally:
             xt.disable(model)
         rows.append(row)
+        if graph_row is not None:
+            rows.append(graph_row | {"density": row["density"]})
     for row in rows:
         if dense_ms is not None:
             row["speedup_vs_cudnn"] = dense_ms / row["ttft_ms"]
@@ -188,6 +198,8 @@ def main() -> None:
     ap.add_argument("--no-layer-graph", dest="layer_graph", action="store_false",
                     help="time single layers eagerly only (default: also replayed from a CUDA "
                          "graph, XAttentionGraph)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time each XAttention method with xt.enable(cuda_graphs=True)")
     ap.add_argument("--layers-only", action="store_true",
                     help="skip the whole-model time to first token (single layers only)")
     ap.add_argument("--name", default="ttft_qwen15b")
@@ -213,7 +225,8 @@ def main() -> None:
     with torch.no_grad():
         for length in parse_lengths(args.lengths):
             if not args.layers_only:
-                rows += bench_model(model, tokenizer, length, methods, args.runs)
+                rows += bench_model(model, tokenizer, length, methods, args.runs,
+                                    cuda_graphs=args.cuda_graphs)
                 write_results(args.name, meta, rows, cols,
                               f"Time to first token, {args.model}, transformers, B=1, bf16")
                 print_table([r for r in rows if r["L"] == length], cols)

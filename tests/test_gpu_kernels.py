@@ -544,3 +544,29 @@ def test_graph_capture_and_replay_equal_eager(layout, min_sparse_len):
     out = torch.empty_like(want)
     graph(q, k, v, out=out)
     torch.testing.assert_close(out, eager, atol=1e-3, rtol=1e-3)
+
+
+def test_transformers_cuda_graphs_equal_eager():
+    """xt.enable(cuda_graphs=True): the second prefill at a shape replays every layer's capture
+    and gives the eager path's logits exactly (the same kernels, the same plan)."""
+    from inputs import tiny_llama
+
+    import xattention.integrations.transformers as xt
+
+    model = tiny_llama(256).to("cuda", torch.bfloat16)
+    model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
+    ids = torch.randint(1, 256, (1, 1000), device="cuda")
+    with torch.no_grad():
+        xt.enable(model, threshold=0.9, block_size=128, stride=8, min_prefill_len=0,
+                  record_stats=False)
+        eager = model(input_ids=ids).logits
+        xt.enable(model, threshold=0.9, block_size=128, stride=8, min_prefill_len=0,
+                  record_stats=False, cuda_graphs=True)
+        first = model(input_ids=ids).logits   # captures
+        second = model(input_ids=ids).logits  # replays
+        graphs = dict(model._xattention_state.graphs)
+        xt.disable(model)
+    assert sorted(k[0] for k in graphs) == [0, 1]
+    assert all(len(g) == 1 for g in graphs.values())
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(second, eager, rtol=0, atol=0)

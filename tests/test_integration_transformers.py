@@ -381,3 +381,21 @@ def test_fp8_estimate_option_reaches_every_layer(monkeypatch):
     with pytest.raises(TypeError, match="estimate_dtype"):
         xt.enable(model, estimate_dtype="fp8")
     xt.disable(model)
+
+
+def test_cuda_graphs_option_is_checked_and_portable():
+    model = _tiny_llama()
+    ids = torch.randint(1, 128, (1, 300))
+    with pytest.raises(ValueError, match="record_stats=False"):
+        xt.enable(model, cuda_graphs=True)
+    with pytest.raises((TypeError, ValueError), match="cuda_graphs"):
+        xt.enable(model, cuda_graphs="yes", record_stats=False)
+    xt.enable(model, threshold=0.9, block_size=64, stride=8, backend="torch")
+    ref = _logits(model, input_ids=ids)
+    # On the CPU there are no graphs: the option runs the same eager call.
+    xt.enable(model, threshold=0.9, block_size=64, stride=8, backend="torch", cuda_graphs=True,
+              record_stats=False)
+    out = _logits(model, input_ids=ids)
+    assert torch.equal(out, ref)
+    assert model._xattention_state.graphs == {}  # nothing captured on the CPU
+    xt.disable(model)

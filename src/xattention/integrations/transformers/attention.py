@@ -26,6 +26,7 @@ import torch
 
 from ..._backend import warn_once
 from ...api import xattention
+from ...graphs import XAttentionGraph
 from .._common.stats import AttentionStats
 from .model_info import window_restricts
 from .padding import sparse_with_padding
@@ -66,6 +67,9 @@ def _sparse(state: XAttentionState, stats: AttentionStats, layer: int,
             threshold: float | torch.Tensor, query: torch.Tensor, key: torch.Tensor,
             value: torch.Tensor, scaling: float | None, causal: bool) -> torch.Tensor:
     """``xattention`` on ``[B, H, L, D]`` tensors, recording the mask; ``[B, Hq, Lq, D]`` out."""
+    if state.cuda_graphs and query.is_cuda:
+        # The graph's output buffer is overwritten by the layer's next call: hand out a copy.
+        return _graph_for(state, layer, threshold, scaling, causal)(query, key, value).clone()
     out, mask = xattention(query, key, value, threshold=threshold, stride=state.stride,
                            block_size=state.block_size, causal=causal, scale=scaling,
                            backend=state.backend, return_mask=True,
@@ -73,6 +77,20 @@ def _sparse(state: XAttentionState, stats: AttentionStats, layer: int,
     _record(state, stats, layer, mask, query.shape[2], key.shape[2], query.shape[1], causal,
             query.shape[0])
     return out
+
+
+def _graph_for(state: XAttentionState, layer: int, threshold: float | torch.Tensor,
+               scaling: float | None, causal: bool) -> XAttentionGraph:
+    """The layer's graph cache: one per layer (its threshold, a number or the table's device
+    tensor, is fixed in it), holding a captured call per input shape it has seen."""
+    key = (layer, causal, scaling)
+    graph = state.graphs.get(key)
+    if graph is None:
+        graph = state.graphs[key] = XAttentionGraph(
+            threshold=threshold, stride=state.stride, block_size=state.block_size,
+            causal=causal, scale=scaling, backend=state.backend,
+            estimate_dtype=state.estimate_dtype, max_graphs=4)
+    return graph
 
 
 def _window_skips(state: XAttentionState, layer: int, sliding_window: int | None,

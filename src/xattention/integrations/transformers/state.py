@@ -33,6 +33,9 @@ class XAttentionState:
     num_q_heads: int
     record_stats: bool = True
     estimate_dtype: torch.dtype | None = None  # None: exact estimate; float8_e4m3fn: FP8
+    cuda_graphs: bool = False  # replay sparse calls from CUDA graphs (enable(cuda_graphs=True))
+    # (layer, causal, scale) -> XAttentionGraph, made on a layer's first sparse call on a GPU
+    graphs: dict[tuple, Any] = field(default_factory=dict)
     enabled: bool = True
     stats: AttentionStats = field(default_factory=AttentionStats)
     modules: list[torch.nn.Module] = field(default_factory=list)

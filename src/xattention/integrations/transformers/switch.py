@@ -62,6 +62,7 @@ def enable(
     estimate_dtype: torch.dtype | None = None,
     record_stats: bool = True,
     vision: bool = False,
+    cuda_graphs: bool = False,
     min_query_len: Any = UNSET,
 ) -> torch.nn.Module:
     """Make ``model`` prefill with XAttention; decode stays dense.
@@ -92,6 +93,13 @@ def enable(
         estimate_dtype: ``torch.float8_e4m3fn`` runs the estimate on FP8 operands (see
             :func:`xattention.xattention`): faster at long prompts on Hopper, a slightly
             different kept set on some rows (benchmarks/results/fp8_fidelity.md). None: exact.
+        cuda_graphs: on a GPU, replay each layer's sparse calls from CUDA graphs
+            (:class:`xattention.XAttentionGraph`, one per layer, a capture per input shape, at
+            most 4 kept per layer): the first call at a shape captures (and tunes), later ones
+            skip the host work of a call (~0.35 ms of a call's launches on an H100). Pays where
+            prompt lengths repeat (fixed-length batches, benchmarks, serving at bucketed
+            lengths); each captured shape holds a copy of its Q/K/V and output per layer. Needs
+            ``record_stats=False``: a replay returns no block mask to count.
 
     Returns:
         ``model`` (switched in place). Calling ``enable`` again replaces the settings;
@@ -115,6 +123,10 @@ def enable(
     estimate_dtype = check_estimate_dtype(estimate_dtype)
     check_bool("record_stats", record_stats)
     check_bool("vision", vision)
+    check_bool("cuda_graphs", cuda_graphs)
+    if cuda_graphs and record_stats:
+        raise ValueError("cuda_graphs=True replays captured calls, which return no block mask "
+                         "to count: pass record_stats=False with it")
     min_prefill_len = renamed_option("min_prefill_len", min_prefill_len, "min_query_len",
                                      min_query_len)
     layers = attention_layers(model)
@@ -150,7 +162,7 @@ def enable(
                             dense_layers=dense, windows=layer_windows(model),
                             num_layers=num_layers, num_q_heads=num_heads,
                             record_stats=record_stats, original_vision=original_vision,
-                            estimate_dtype=estimate_dtype,
+                            estimate_dtype=estimate_dtype, cuda_graphs=cuda_graphs,
                             vision_threshold=float(threshold) if vision else None)
     for module in [m for modules in layers.values() for m in modules] + vision_modules:
         setattr(module, STATE_ATTR, state)
@@ -170,6 +182,7 @@ def _detach(state: XAttentionState) -> None:
                 delattr(module, VISION_INDEX_ATTR)
     state.enabled = False
     state.modules = []
+    state.graphs.clear()  # their buffers and memory pools go with them
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
