@@ -11,9 +11,9 @@ when they already are those buffers, see :meth:`XAttentionGraph.inputs`) and rep
 The call path (``xattention.api.run_call``) has no host syncs and allocates nothing whose size
 depends on data, which is what capture needs; ``tests/test_gpu_kernels.py`` checks both.
 
-The transformers integration uses it with ``xt.enable(model, cuda_graphs=True)`` (one per layer);
-vLLM and diffusers call ``xattention()`` eagerly. On CPU tensors (no CUDA graphs) the object runs the eager call, so code using it stays
-portable.
+The transformers integration uses it with ``xt.enable(model, cuda_graphs=True)`` (one per
+layer); vLLM and diffusers call ``xattention()`` eagerly. On CPU tensors (no CUDA graphs) the
+object runs the eager call, so code using it stays portable.
 """
 
 from __future__ import annotations
