@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..._validation import check_backend, check_bool, check_estimate_dtype
+from ...selection import DEFAULT_THRESHOLD
 from .._common.layers import layer_set
 from .._common.options import (
     check_min_prefill_len,
@@ -85,7 +86,7 @@ def _pre_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 def enable(
     transformer: torch.nn.Module,
     *,
-    threshold: float = 0.95,
+    threshold: float = DEFAULT_THRESHOLD,
     thresholds: Any = None,
     stride: int | None = None,
     block_size: int | None = None,
