@@ -43,16 +43,12 @@ def _threshold(backend: str) -> float | None:
     return float(backend[1:])
 
 
-def prompts(model: str, length: int, count: int) -> list[list[int]]:
-    """``count`` prompts of ``length`` essay tokens, each from another offset (no shared prefix)."""
-    from transformers import AutoTokenizer
+def prompts(tokenizer, length: int, count: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` essay tokens (the transformers table's prompt,
+    ``bench_ttft.essay_ids``), each from another offset (no shared prefix)."""
+    from bench_ttft import essay_ids
 
-    from xattention.eval.ruler import load_haystack
-
-    tok = AutoTokenizer.from_pretrained(model)
-    ids = tok(load_haystack(), add_special_tokens=False)["input_ids"]
-    need = length + 97 * count
-    ids = (ids * (need // len(ids) + 1))[:need]
+    ids = essay_ids(tokenizer, length + 97 * count)[0].tolist()
     return [ids[97 * i:97 * i + length] for i in range(count)]
 
 
@@ -75,10 +71,13 @@ def one_engine(args, backend: str) -> list[dict]:
               max_model_len=max(lengths) + 64, max_num_batched_tokens=max(lengths) + 64,
               gpu_memory_utilization=args.gpu_memory_utilization, seed=0)
     print(f"== {backend}: engine up in {time.time() - t0:.0f} s", flush=True)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     params = SamplingParams(max_tokens=1, temperature=0.0)
     rows = []
     for length in lengths:
-        reqs = prompts(args.model, length, args.runs + 2)
+        reqs = prompts(tokenizer, length, args.runs + 2)
         times, first = [], []
         for i, ids in enumerate(reqs):
             start = time.perf_counter()

@@ -18,16 +18,21 @@ cuda_only = pytest.mark.skipif(on_cpu() or not torch.cuda.is_available(),
                                reason="vLLM's CUDA engine on a GPU")
 
 
-@cpu_only
-def test_cpu_backend_keeps_the_engine_cache_writer():
-    # Decode runs on the CPU kernel, so the cache must stay in the layout that kernel reads.
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+def test_backend_keeps_the_engine_cache_writer():
+    # Decode runs on the engine's kernel, so the cache must stay in the layout that kernel reads.
+    if on_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl as engine_impl
 
-    from xattention.integrations.vllm.cpu import XAttentionCPUBackend, XAttentionCPUImpl
+        from xattention.integrations.vllm.cpu import XAttentionCPUBackend as backend
+        from xattention.integrations.vllm.cpu import XAttentionCPUImpl as impl
+    else:
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl as engine_impl
 
-    assert XAttentionCPUImpl.do_kv_cache_update is CPUAttentionBackendImpl.do_kv_cache_update
-    assert XAttentionCPUBackend.get_name() == "CUSTOM"
-    assert XAttentionCPUBackend.get_impl_cls() is XAttentionCPUImpl
+        from xattention.integrations.vllm.cuda import XAttentionCUDABackend as backend
+        from xattention.integrations.vllm.cuda import XAttentionTritonImpl as impl
+    assert impl.do_kv_cache_update is engine_impl.do_kv_cache_update
+    assert backend.get_name() == "CUSTOM"
+    assert backend.get_impl_cls() is impl
 
 
 @cpu_only
@@ -49,17 +54,6 @@ def test_cpu_written_cache_reads_back_through_the_block_table(isa, head_dim, pag
     gk, gv = gather_kv(cache, table, length, "cpu")
     torch.testing.assert_close(gk[0], k.transpose(0, 1), rtol=0, atol=0)
     torch.testing.assert_close(gv[0], v.transpose(0, 1), rtol=0, atol=0)
-
-
-@cuda_only
-def test_cuda_backend_keeps_the_engine_cache_writer():
-    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
-
-    from xattention.integrations.vllm.cuda import XAttentionCUDABackend, XAttentionTritonImpl
-
-    assert XAttentionTritonImpl.do_kv_cache_update is TritonAttentionImpl.do_kv_cache_update
-    assert XAttentionCUDABackend.get_name() == "CUSTOM"
-    assert XAttentionCUDABackend.get_impl_cls() is XAttentionTritonImpl
 
 
 @cuda_only
