@@ -15,7 +15,7 @@
 # from other samples), so every call adds to the same grid. The grid runs breadth-first: every
 # method at every length gets a few samples of every task before any gets more.
 set -uo pipefail
-cd "$(git rev-parse --show-toplevel 2>/dev/null || dirname "$0"/../..)" || exit 2
+cd "$(git rev-parse --show-toplevel 2>/dev/null || echo "$(dirname "$0")/../..")" || exit 2
 MODEL=qwen2.5-1.5b
 RESULTS=eval/results/$MODEL
 METHODS="full t0.9-s8 t0.95-s8 t0.9-s16 t0.9-s8-fp8"
@@ -78,9 +78,22 @@ receive() {
             && touch $X/extras.done && echo "== extras unpacked"
     fi
     # The GPU idles while the pieces arrive (~20 s a call): the GPU tests use that time.
-    if [ "$1" = 1 ] && [ ! -f $X/started ]; then setsid nohup bash "$0" idle-tests > /dev/null 2>&1 < /dev/null & fi
-    if [ -f "$X/cache/$GGUF_NAME" ] && [ -f $X/extras.done ] && [ ! -f $X/started ]; then start; fi
+    if [ "$1" = 1 ] && [ ! -f $X/started ]; then
+        snapshot $X/tree-tests && (cd $X/tree-tests && setsid nohup bash eval/gpu/qwen15b.sh idle-tests \
+            > /dev/null 2>&1 < /dev/null &)
+    fi
+    if [ -f "$X/cache/$GGUF_NAME" ] && [ -f $X/extras.done ] && [ ! -f $X/started ]; then
+        pkill -f "pytest -v -p no:cacheprovider" && echo "== GPU tests stopped: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed"
+        snapshot $X/tree && (cd $X/tree && bash eval/gpu/qwen15b.sh start)
+    fi
     nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+}
+
+snapshot() {  # snapshot DIR: the checkout's code and records, copied for jobs that outlive a call
+    # Every call copies the checkout afresh under the running jobs: a job started from it read
+    # half-copied files (2026-12-07, third session: pytest collected 0 items, "import file
+    # mismatch"). Background jobs run from a copy made when they start instead.
+    rm -rf "$1" && mkdir -p "$1" && cp -r src tests benchmarks eval pyproject.toml "$1"/
 }
 
 idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; stopped by start
@@ -95,16 +108,17 @@ idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; st
     [ -s $ids.all ] || { { echo "== no GPU test items collected:"; tail -n 40 $ids.collect; } > $log; return; }
     # 2026-12-07 ran items 388-580, the launch count and 1-16 (all passed); 17-387 last ran in
     # run 11, on older code: start there, then the rest again.
-    { tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all; head -n "$(( ${GPU_TESTS_FROM:-17} - 1 ))" $ids.all; } > $ids
+    # The CUDA-graph items (issue 19) have never run on a card: they go first.
+    { grep -E 'graph' $ids.all; tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all
+      head -n "$(( ${GPU_TESTS_FROM:-17} - 1 ))" $ids.all; } | awk '!seen[$0]++' > $ids
     echo "== $(wc -l < $ids) GPU test items, $(date -u +%T)" > $log
     local items; mapfile -t items < $ids  # ids hold brackets and spaces
     timeout "${GPU_TESTS_SECONDS:-900}" python3 -m pytest -v -p no:cacheprovider "${items[@]}" >> $log 2>&1
     echo "== pytest exit $? $(date -u +%T)" >> $log
 }
 
-start() {  # one worker process per line of WORKERS, all on the lent GPU(s)
+start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run from a snapshot
     env_device
-    pkill -f "pytest -v -p no:cacheprovider" && echo "== GPU tests stopped: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed"
     for f in "$RESULTS"/*.jsonl.gz; do  # resume from the committed records
         [ -e "$f" ] || continue
         local plain=$X/results/$(basename "${f%.gz}")
@@ -114,15 +128,17 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s)
     local gpus; gpus=$(nvidia-smi -L | wc -l)
     local i=0
     for w in "${WORKERS[@]}"; do
-        # The calibration holds ~42 GB at 16k: beside it the 32k worker (c) ran out of memory on
-        # an 80 GB card (2026-12-07), so on one GPU c waits for it (profile_worker starts c).
-        if [[ $w == c\|* ]] && [ "$gpus" = 1 ] && [ ! -s "$X/results/$PROFILE" ]; then continue; fi
+        # The calibration holds ~42 GB at 16k, and the grid workers' allocators grow into what
+        # is free: beside the 32k worker it ran out of memory (2026-12-07), beside the 4k-16k
+        # workers too (2026-12-07, fourth session, in its held-out pass). On one GPU it runs
+        # alone and profile_worker starts the grid workers when it ends.
+        if [ "$gpus" = 1 ] && [ ! -s "$X/results/$PROFILE" ]; then continue; fi
         CUDA_VISIBLE_DEVICES=$((i % gpus)) grid_worker "$w"
         i=$((i + 1))
     done
-    CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup bash "$0" profile-worker \
+    CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup bash eval/gpu/qwen15b.sh profile-worker \
         > "$X/logs/worker-d.log" 2>&1 < /dev/null &
-    date +%s > $X/started && echo "== started $((i + 1)) workers on $gpus GPU(s)"
+    date +%s > $X/started && echo "== started $((i + 1)) workers on $gpus GPU(s)$([ $i = 0 ] && echo ": the calibration first, alone; the grid after it")"
 }
 
 grid_worker() {  # grid_worker LINE-OF-WORKERS: that worker, in the background
@@ -141,8 +157,8 @@ profile_worker() {  # worker d: calibrate (unless a profile is committed), then 
         echo "== calibrating: ${CALIBRATE[*]}"
         timeout "${CALIBRATE_SECONDS:-600}" python3 -m xattention "${CALIBRATE[@]}" --out $X/calibrating.json \
             && mv $X/calibrating.json "$p" || echo "== calibration failed"
-        if [ "$(nvidia-smi -L | wc -l)" = 1 ]; then  # the 32k worker waited for the calibration
-            for w in "${WORKERS[@]}"; do [[ $w == c\|* ]] && grid_worker "$w"; done
+        if [ "$(nvidia-smi -L | wc -l)" = 1 ]; then  # the grid workers waited for the calibration
+            for w in "${WORKERS[@]}"; do grid_worker "$w"; done
         fi
         [ -s "$p" ] || exit 1
     fi

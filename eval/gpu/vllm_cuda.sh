@@ -127,13 +127,13 @@ EOF
     # A file with a main guard, not -c: the engine core may start as a spawned process, which
     # re-imports __main__.
     cat > $X/gen.py <<'EOF'
-import sys, time
+import os, sys, time
 from vllm import LLM, SamplingParams
 
 def main():
     from _model import smollm2_checkpoint
     t0 = time.time()
-    llm = LLM(model=str(smollm2_checkpoint()), enforce_eager=True, gpu_memory_utilization=0.15,
+    llm = LLM(model=str(smollm2_checkpoint()), enforce_eager=True, gpu_memory_utilization=float(os.environ.get("GEN_UTIL", "0.15")),
               kv_cache_memory_bytes=1 << 30, max_model_len=2048, seed=0)
     print(f"== engine up in {time.time() - t0:.1f} s")
     prompts = ["The capital of France is", "def fibonacci(n):"]
