@@ -46,6 +46,10 @@ env_device() {
     export PYTHONPATH="$PWD/src:$X/site:$X/pkgs:$PWD/tests/vllm" XATTENTION_CACHE="$X/cache"
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    # The sampler asks FlashInfer whether it can sample top-k/top-p by importing vLLM's FlashInfer
+    # backend, which needs the flashinfer wheel we do not carry (2026-12-07: the engine loaded
+    # SmolLM2, then stopped there); 0 is vLLM's own switch for its PyTorch sampler.
+    export VLLM_USE_FLASHINFER_SAMPLER=0
 }
 
 plugin_metadata() {

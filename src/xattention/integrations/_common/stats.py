@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -135,6 +135,20 @@ class AttentionStats:
         """Count one call's block mask ``[B, Hq, nQB, nKB]`` (None: a dense call)."""
         kept, total = count_blocks(mask, q_len, k_len, block_size, causal, heads, batch)
         self.add(layer, kept, total, sparse=mask is not None, q_len=q_len, k_len=k_len)
+
+    def host_copy(self) -> AttentionStats:
+        """A copy with the counts on the host, taken without waiting for the device: CUDA counts
+        go to pinned memory by non-blocking copies, so the copy is readable once the work queued
+        so far has finished (record an event after this call and wait on it before reading)."""
+        out = AttentionStats()
+        for i, s in self.layers.items():
+            if s.counts.device.type == "cuda":
+                host = torch.empty(s.counts.shape, dtype=s.counts.dtype, pin_memory=True)
+                host.copy_(s.counts, non_blocking=True)
+            else:
+                host = s.counts.detach().clone()
+            out.layers[i] = replace(s, counts=host)
+        return out
 
     def per_layer(self) -> dict[int, float]:
         """``{layer: density}`` for every layer that recorded a call."""

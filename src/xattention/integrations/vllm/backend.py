@@ -102,7 +102,13 @@ class XAttentionBuilderMixin:
         if busy:
             warn_once(f"xattention: batches with {busy} run dense (not supported by the planner)")
             return None
-        seq_lens = common.seq_lens[: common.num_reqs].to("cpu").tolist()
+        # The engine's host copy where it has one: exact for prefill rows (the sparse ones), an
+        # upper bound for decodes (max_seq_len of the dense sub-batch only). Reading seq_lens
+        # from the device instead would wait for the GPU once per step.
+        host = getattr(common, "seq_lens_cpu_upper_bound", None)
+        if host is None:
+            host = common.seq_lens.to("cpu")  # older engines: one device read per step
+        seq_lens = host[: common.num_reqs].tolist()
         rows = [SparseRow(i, starts[i], starts[i + 1], int(seq_lens[i])) for i in sparse_ids]
         plan = XAttentionPlan(sparse=rows, block_table=common.block_table_tensor)
         dense_ids = [i for i in range(common.num_reqs) if q_lens[i] < settings.min_prefill_len]
@@ -244,6 +250,7 @@ class XAttentionImplMixin:
         self._xa_thresholds = ThresholdTable({self._xa_layer: threshold})
         self._xa_dense = self._xa_reason is not None or \
             self._xa_settings.is_dense(self._xa_layer, self._xa_num_layers)
+        self._xa_layers_per_step = _layers_per_step()
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor,
@@ -292,8 +299,7 @@ class XAttentionImplMixin:
                      settings.block_size)
 
     def _xa_after_layer(self) -> None:
-        if self._xa_layer == self._xa_num_layers - 1:  # the step's last layer: publish
-            stats.flush(self._xa_settings.stats_dir, self._xa_rank)
+        stats.layer_done(self._xa_settings.stats_dir, self._xa_rank, self._xa_layers_per_step)
 
 
 def _unsupported_reason(named: dict[str, Any]) -> str | None:
@@ -314,6 +320,16 @@ def _unsupported_reason(named: dict[str, Any]) -> str | None:
     if named.get("kv_cache_dtype", "auto") != "auto":
         return f"kv_cache_dtype={named['kv_cache_dtype']!r} (XAttention reads an unquantised cache)"
     return None
+
+
+def _layers_per_step() -> int:
+    """How many XAttention layers a step runs in this process: the step's statistics are
+    published after the last of them. Counted from the engine's own layer registry, so that a
+    pipeline stage, a hybrid model or a dense-only layer set counts what this worker runs."""
+    from vllm.forward_context import get_forward_context
+
+    layers = get_forward_context().no_compile_layers.values()
+    return max(1, sum(isinstance(getattr(x, "impl", None), XAttentionImplMixin) for x in layers))
 
 
 def _num_layers() -> int:
