@@ -112,6 +112,9 @@ class StatsWriter:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[_Waitable, AttentionStats, Path, int] | None] = \
             queue.SimpleQueue()
+        # Marker-and-queue on one side, queue-empty-and-unlink on the other: without the lock a
+        # marker just written for a new snapshot could be removed as the old one lands.
+        self._marker_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="xattention-stats", daemon=True)
         self._thread.start()
 
@@ -121,8 +124,9 @@ class StatsWriter:
         folder.mkdir(parents=True, exist_ok=True)
         # Before this call returns, hence before the step's tokens can reach the user: a reader
         # that finds the marker knows a newer file is coming (read_stats waits for it).
-        _pending_marker(folder, rank).write_text(str(os.getpid()))
-        self._queue.put((ready, snapshot, folder, rank))
+        with self._marker_lock:
+            _pending_marker(folder, rank).write_text(str(os.getpid()))
+            self._queue.put((ready, snapshot, folder, rank))
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the thread."""
@@ -147,8 +151,9 @@ class StatsWriter:
             ready, snapshot, folder, rank = item
             ready.synchronize()
             write(snapshot, folder, rank)
-            if self._queue.empty():  # no newer snapshot on its way: the file is current
-                _pending_marker(folder, rank).unlink(missing_ok=True)
+            with self._marker_lock:
+                if self._queue.empty():  # no newer snapshot on its way: the file is current
+                    _pending_marker(folder, rank).unlink(missing_ok=True)
 
 
 _writer_instance: StatsWriter | None = None
