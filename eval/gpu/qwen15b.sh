@@ -83,7 +83,6 @@ receive() {
             > /dev/null 2>&1 < /dev/null &)
     fi
     if [ -f "$X/cache/$GGUF_NAME" ] && [ -f $X/extras.done ] && [ ! -f $X/started ]; then
-        pkill -f "pytest -v -p no:cacheprovider" && echo "== GPU tests stopped: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed"
         snapshot $X/tree && (cd $X/tree && bash eval/gpu/qwen15b.sh start)
     fi
     nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
@@ -119,6 +118,7 @@ idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; st
 
 start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run from a snapshot
     env_device
+    pkill -f "pytest -v -p no:cacheprovider" && echo "== GPU tests stopped: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed"
     for f in "$RESULTS"/*.jsonl.gz; do  # resume from the committed records
         [ -e "$f" ] || continue
         local plain=$X/results/$(basename "${f%.gz}")

@@ -20,8 +20,10 @@ class Gate:
 
     def __init__(self) -> None:
         self.opened = threading.Event()
+        self.waited_on = threading.Event()  # the writer thread has reached this snapshot
 
     def synchronize(self) -> None:
+        self.waited_on.set()
         assert self.opened.wait(10), "the test never opened the gate"
 
 
@@ -61,7 +63,7 @@ def test_a_backlog_is_written_once_as_its_newest(tmp_path, writer, monkeypatch):
     monkeypatch.setattr(stats, "write", lambda s, d, r: (writes.append(s), real_write(s, d, r)))
     first = Gate()
     writer.submit(first, _summary([1.0, 1.0]), tmp_path, rank=1)
-    time.sleep(0.05)  # the thread now waits on the first snapshot
+    assert first.waited_on.wait(10)  # the thread holds the first snapshot before more arrive
     newer = [Gate(), Gate()]
     writer.submit(newer[0], _summary([2.0, 2.0], calls=2), tmp_path, rank=1)
     writer.submit(newer[1], _summary([4.0, 0.0], calls=3), tmp_path, rank=1)
