@@ -8,7 +8,8 @@ costs what the host spends issuing it. For each length this times, against dense
 - ``launches``: kernels per call, counted by the PyTorch profiler;
 
 for SDPA (cuDNN), the automatic dense branch of ``xattention()``, the sparse pipeline forced
-(``min_sparse_len=0``) eager, the same call through ``XAttentionGraph`` (``graph``: the inputs
+(``min_sparse_len=0``) eager (with the launch cache of kernels/_launch.py, and without it), the
+same call through ``XAttentionGraph`` (``graph``: the inputs
 copied into the captured buffers, then one replay; ``replay``: inputs already in the buffers, the
 replay alone), and each of its three stages alone (estimate + flags, selection -> plan, attention).
 
@@ -28,6 +29,7 @@ from xattention import xattention
 from xattention.block_layout import BlockLayout
 from xattention.estimate import _estimate_with_flags
 from xattention.graphs import XAttentionGraph
+from xattention.kernels._launch import launch_cache
 from xattention.selection import _select_plan
 from xattention.sparse_attention import _sparse_attention
 
@@ -43,6 +45,12 @@ def host_us(fn, calls: int = 200) -> float:
     elapsed = time.perf_counter() - t0
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
+
+
+def _uncached(fn, *args, **kwargs):
+    """``fn`` with every kernel launched through Triton's own path (kernels/_launch.py)."""
+    with launch_cache(False):
+        return fn(*args, **kwargs)
 
 
 def launches(fn) -> int:
@@ -83,6 +91,8 @@ def bench_length(length: int, hq: int, hkv: int, d: int, block_size: int, stride
         "xattention auto (dense branch)": lambda: xattention(q, k, v, 0.9, stride, block_size),
         "xattention sparse eager (min_sparse_len=0)": lambda: xattention(
             q, k, v, 0.9, stride, block_size, min_sparse_len=0),
+        "xattention sparse eager, launch cache off": lambda: _uncached(
+            xattention, q, k, v, 0.9, stride, block_size, min_sparse_len=0),
         "xattention sparse graph (copy in + replay)": lambda: graph(q2, k2, v2),
         "xattention sparse replay (inputs in place)": lambda: graph(gq, gk, gv),
         "  estimate (+ non-finite flags)": lambda: _estimate_with_flags(

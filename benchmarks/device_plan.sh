@@ -5,10 +5,13 @@
 #   run: bash benchmarks/device_plan.sh          (from the repository root, on the lent GPU)
 #
 # Steps and their time limits (seconds, total <= 510):
-#   tests     60  tests/test_gpu_kernels.py: plan, launch count, no host sync, graph capture
-#   short    100  bench_short_calls.py at 1k-32k (32/8 heads, D=128)
+#   tests     70  tests/test_gpu_kernels.py: plan, launch count, no host sync, graph capture,
+#                 the launch cache, paged K/V
+#   short    100  bench_short_calls.py at 1k-32k (32/8 heads, D=128; eager with and without
+#                 the launch cache)
+#   paged     40  bench_paged.py at 8k-32k (12/2 heads): PagedKV in place vs gathered vs cuDNN
 #   cross    120  bench_xattention.py --crossover 32/8,12/2 at 1k-16k, eager and graph
-#   real     210  Qwen2.5-1.5B layers 0/9/18/27 at 8k/16k/32k, t=0.9, S=8: capture on the GPU
+#   real     190  Qwen2.5-1.5B layers 0/9/18/27 at 8k/16k/32k, t=0.9, S=8: capture on the GPU
 #                 (capture_real_qkv.py) when the model is in $XATTENTION_CACHE, then
 #                 bench_xattention.py --real; skipped with a message when it is not.
 # FA4 rows appear where flash-attn-4 is importable (device_calls.sh's bench phase installs it).
@@ -23,8 +26,8 @@ step() { echo "== $1 ($(date -u +%T))"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$r/gpu.txt"
 
 step tests
-timeout 60 python -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu_kernels.py \
-  -k "plan or three_launches or host_sync or graph or pointer_path or nonfinite or fa4" \
+timeout 70 python -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu_kernels.py \
+  -k "plan or three_launches or host_sync or graph or pointer_path or nonfinite or fa4 or cached or paged" \
   > "$r/gpu_tests_plan.log" 2>&1
 tail -3 "$r/gpu_tests_plan.log"; grep -E "^FAILED" "$r/gpu_tests_plan.log" | head -20
 
@@ -32,6 +35,9 @@ cd benchmarks
 step short-calls
 timeout 100 python bench_short_calls.py --lengths 1k,2k,4k,8k,16k,32k --heads 32 --kv-heads 8 \
   > "$r/short.log" 2>&1; tail -4 "$r/short.log"
+
+step paged
+timeout 40 python bench_paged.py --lengths 8k,16k,32k > "$r/paged.log" 2>&1; tail -14 "$r/paged.log"
 
 step crossover
 timeout 120 python bench_xattention.py --crossover 32/8,12/2 --lengths 1k,2k,4k,8k,16k \
@@ -52,7 +58,7 @@ if [[ $have_model == NO* ]]; then
   echo "real-layer bench skipped: Qwen2.5-1.5B is not available under \$XATTENTION_CACHE" \
        "(${XATTENTION_CACHE:-unset}): ${have_model#NO: }" | tee "$r/real_skipped.txt"
 else
-  timeout 100 python capture_real_qkv.py --model qwen2.5-1.5b --length 8192,16384,32768 \
+  timeout 90 python capture_real_qkv.py --model qwen2.5-1.5b --length 8192,16384,32768 \
     --layers 0,9,18,27 --device cuda --out "/tmp/qwen15b_{length}.pt" > "$r/capture.log" 2>&1
   tail -4 "$r/capture.log"
   for len in 8192 16384 32768; do
@@ -60,7 +66,7 @@ else
     [[ -f $f ]] && real_files=${real_files:+$real_files,}$f
   done
   if [[ -n $real_files ]]; then
-    timeout 110 python bench_xattention.py --real "$real_files" --thresholds 0.9 --strides 8 \
+    timeout 100 python bench_xattention.py --real "$real_files" --thresholds 0.9 --strides 8 \
       --name xattention_qwen15b_plan > "$r/real.log" 2>&1; tail -3 "$r/real.log"
   fi
 fi

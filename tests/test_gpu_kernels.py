@@ -570,3 +570,105 @@ def test_transformers_cuda_graphs_equal_eager():
     assert all(len(g) == 1 for g in graphs.values())
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
     torch.testing.assert_close(second, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_cached_launches_equal_tritons_path(causal):
+    """The launch cache (kernels/_launch.py) replays compiled kernels on repeat shapes: on fresh
+    inputs of a seen shape, on views 2 bytes off a 16-byte boundary, and on a new shape, the
+    output equals Triton's own launch path bit for bit and the reference path within bf16."""
+    from xattention.kernels import _launch, estimate, selection, sparse_attention
+
+    launchers = (estimate._estimate_launcher, selection._select_launcher,
+                 sparse_attention._sparse_launcher)
+    _launch.clear_launch_caches()
+    cases = [(1, 12, 2, 4096, 4096), (1, 12, 2, 4096, 4096), (2, 8, 8, 1999, 3001)]
+    for i, (b, hq, hkv, lq, lk) in enumerate(cases + [cases[0]]):
+        q, k, v = _inputs(b, hq, hkv, lq, lk, 128, torch.bfloat16, seed=40 + i)
+        if i == 3:  # the same shape, but base pointers no longer 16-byte aligned
+            q, k, v = (torch.cat([x.new_zeros(1), x.flatten()])[1:].view_as(x) for x in (q, k, v))
+        kw = dict(threshold=0.9, causal=causal, min_sparse_len=0, backend="triton")
+        got, plan = xattention(q, k, v, return_plan=True, **kw)
+        with _launch.launch_cache(False):
+            ref_triton, ref_plan = xattention(q, k, v, return_plan=True, **kw)
+        assert torch.equal(plan.to_dense(), ref_plan.to_dense())
+        assert torch.equal(got, ref_triton), f"case {i}"
+        ref = block_sparse_attention(q, k, v, plan, causal=causal, backend="torch")
+        assert _rel(got, ref) < 1e-2
+    # A repeat of case 0 must not reach Triton's launch path at all: the kernels are swapped for
+    # objects that fail when launched, so only the cached replay can produce the output.
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("Triton's launch path was taken on a cached shape")
+
+    q, k, v = _inputs(*cases[0], 128, torch.bfloat16, seed=99)
+    with _launch.launch_cache(False):
+        expected = xattention(q, k, v, **kw)
+    saved = [launcher.kernel for launcher in launchers]
+    try:
+        for launcher in launchers:
+            launcher.kernel = _NoLaunch()
+        assert torch.equal(xattention(q, k, v, **kw), expected)
+    finally:
+        for launcher, kernel in zip(launchers, saved, strict=True):
+            launcher.kernel = kernel
+
+
+def _paged(k, v, page, seed):
+    """``k, v`` scattered over random pages of a NaN cache: a :class:`xattention.PagedKV`."""
+    from test_paged_kv import scatter_pages
+
+    kv = scatter_pages(k.cpu(), v.cpu(), page, spare=5, gen=torch.Generator().manual_seed(seed))
+    from xattention import PagedKV
+
+    return PagedKV(kv.k_pages.cuda(), kv.v_pages.cuda(), kv.block_table.cuda(), kv.seq_len)
+
+
+def _paged_config_cases():
+    from xattention.kernels import estimate as est
+    from xattention.kernels import sparse_attention as sa
+
+    shape = (1, 12, 2, 3001, 5003, 128, 128, 8)  # Qwen2.5-1.5B's heads, Lq < Lk, ragged
+    gpb, g_tile = 128 // 8, est._head_tile(6)
+    cases = [pytest.param("estimate", c, id=f"estimate-{c}")
+             for c in est.kept_configs(gpb, g_tile, est.padded_head_dim(128, 2), False)]
+    cases += [pytest.param("sparse", c, id=f"sparse-{c}")
+              for c in sa.kept_configs(sa._gpu_configs(), 128, 128, False)]
+    return [pytest.param(shape, *p.values, id=p.id) for p in cases]
+
+
+@pytest.mark.parametrize(("shape", "kernel", "config"), _paged_config_cases())
+@pytest.mark.parametrize("page", [16, 64])
+def test_paged_reads_equal_contiguous_every_config(shape, kernel, config, page):
+    """Each kernel's every kept (pointer-path) config reads a PagedKV as it reads the same K/V
+    contiguous: bit for bit."""
+    from xattention.kernels import estimate as est
+    from xattention.kernels import sparse_attention as sa
+    from xattention.kernels._tuning import force_config
+    from xattention.selection import select_plan
+
+    b, hq, hkv, lq, lk, d, bs, s = shape
+    q, k, v = _inputs(b, hq, hkv, lq, lk, d, torch.bfloat16, seed=page)
+    kv = _paged(k, v, page, seed=page)
+    scale = d ** -0.5
+    if kernel == "estimate":
+        with force_config(est._antidiagonal_estimate_fwd, config):
+            got, got_flags = est.estimate_block_scores_triton(q, kv, s, bs, True, scale, v=kv)
+            ref, ref_flags = est.estimate_block_scores_triton(q, k, s, bs, True, scale, v=v)
+        assert torch.equal(got, ref)
+        assert all(torch.equal(a, c) for a, c in zip(got_flags, ref_flags, strict=True))
+        return
+    plan = select_plan(estimate_block_scores(q, k, s, bs, True), 0.9, lq, lk, bs, True)
+    with force_config(sa._block_sparse_attention_fwd, config):
+        got, got_lse = sa.block_sparse_attention_triton(q, kv, None, plan, scale)
+        ref, ref_lse = sa.block_sparse_attention_triton(q, k, v, plan, scale)
+    assert not got.isnan().any()
+    assert torch.equal(got, ref) and torch.equal(got_lse, ref_lse)
+
+
+def test_xattention_over_pages_matches_reference_path():
+    q, k, v = _inputs(1, 12, 2, 4096, 8192, 128, torch.bfloat16, seed=7)
+    kv = _paged(k, v, 16, seed=7)
+    got, plan = xattention(q, kv, None, threshold=0.9, min_sparse_len=0, return_plan=True)
+    ref = block_sparse_attention(q.double(), k.double(), v.double(), plan, backend="torch")
+    assert _rel(got, ref) < 1e-2

@@ -2,6 +2,8 @@
 # Stock vLLM 0.25.0 (V1 engine, offline LLM(...)) on the lent GPU, which has no index to install
 # from. Verbs, in the order a session uses them:
 #
+#   here:    vllm_cuda.sh fetch       vllm 0.25.0 + eval/gpu/vllm_wheels.txt as cp312 wheels into
+#                                     .vllm_cuda/wheels (needs the package index; reruns reuse them)
 #   here:    vllm_cuda.sh pack        wheels in .vllm_cuda/wheels + the SmolLM2 GGUF into call
 #                                     folders .vllm_cuda/xfer/1..N (run each with carry=[that folder])
 #   device:  vllm_cuda.sh receive N   check call N's pieces; when all are in, install the wheels once
@@ -10,11 +12,12 @@
 #   device:  vllm_cuda.sh ttft        time to first token, FLASH_ATTN / TRITON_ATTN vs XAttention, on
 #                                     Qwen2.5-Coder-1.5B when qwen15b.sh brought it (else SmolLM2)
 #
-# The wheel set is what the image (torch 2.11 cu130, transformers 5.17, ...) lacks on the path
-# from `from vllm import LLM` to a started engine, found by importing that path in a venv that
-# held only the image's packages; the rest of vllm's Requires-Dist (flashinfer, cutlass-dsl,
-# the server, structured-output extras) is not imported there. vllm's own .so files link
-# libcudart.so.13 / libnvrtc.so.13, which torch's cu130 wheels already bring.
+# The wheel set (eval/gpu/vllm_wheels.txt, one line per wheel and why) is what the image
+# (torch 2.11 cu130, transformers 5.17, ...) lacks on the path from `from vllm import LLM` to a
+# started engine, found by importing that path in a venv that held only the image's packages;
+# the rest of vllm's Requires-Dist (flashinfer, cutlass-dsl, the server, structured-output
+# extras) is not imported there. vllm's own .so files link libcudart.so.13 / libnvrtc.so.13,
+# which torch's cu130 wheels already bring.
 set -uo pipefail
 cd "$(git rev-parse --show-toplevel 2>/dev/null || dirname "$0"/../..)" || exit 2
 X=${VLLMX:-/tmp/vllmx}  # overridable only to rehearse the device verbs here
@@ -25,10 +28,42 @@ MODULES="vllm vllm.entrypoints.llm vllm.v1.engine.core vllm.v1.engine.llm_engine
  vllm.model_executor.models.qwen2 vllm.v1.attention.backends.flash_attn vllm._C_stable_libtorch
  vllm.vllm_flash_attn._vllm_fa3_C"
 
+fetch() {
+    # --no-deps: vllm_wheels.txt is the whole set, on top of the image. The device runs CPython
+    # 3.12 on x86_64 with glibc >= 2.35; pip does not widen a given manylinux tag to older ones,
+    # so each is named. Pure wheels (py3-none-any) match any of them.
+    set -e
+    mkdir -p $STAGE/wheels
+    local plat="" p
+    for p in manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
+             manylinux_2_24 manylinux_2_17 manylinux2014; do plat="$plat --platform ${p}_x86_64"; done
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        $plat --platform any -d $STAGE/wheels vllm==0.25.0 -r eval/gpu/vllm_wheels.txt
+    # Drop wheels of an earlier list, so pack sends exactly this set.
+    python - $STAGE/wheels <<'EOF'
+import pathlib, sys
+from packaging.utils import canonicalize_name, parse_wheel_filename
+want = {(canonicalize_name("vllm"), "0.25.0")}
+for line in open("eval/gpu/vllm_wheels.txt"):
+    req = line.split("#", 1)[0].strip()
+    if req:
+        name, version = req.split("==")
+        want.add((canonicalize_name(name), version.strip()))
+for whl in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    name, version, _, _ = parse_wheel_filename(whl.name)
+    if (name, str(version)) not in want:
+        print("== removing", whl.name, "(not in vllm_wheels.txt)")
+        whl.unlink()
+EOF
+    ls -S $STAGE/wheels
+    echo "== $(ls $STAGE/wheels/*.whl | wc -l) wheels, $(du -sh $STAGE/wheels | cut -f1) in $STAGE/wheels"
+}
+
 pack() {
     set -e
+    ls $STAGE/wheels/vllm-0.25.0-*.whl > /dev/null 2>&1 \
+        || { echo "== no $STAGE/wheels/vllm-0.25.0-*.whl: run 'vllm_cuda.sh fetch' first"; exit 1; }
     local gguf; gguf=$(python -c "from xattention.eval.models import gguf_path; print(gguf_path('smollm2'))")
-    ls $STAGE/wheels/vllm-0.25.0-*.whl > /dev/null  # the big one must be there, or nothing is worth sending
     # A call carries the checkout too: size the pieces to what is left of 64 MiB (.vllm_cuda is
     # in .git/info/exclude, so the staging folder itself does not count as checkout).
     rm -rf $STAGE/xfer
@@ -155,10 +190,11 @@ EOF
 }
 
 case "${1:-}" in
+    fetch) fetch ;;
     pack) pack ;;
     receive) receive "$2" ;;
     run) run ;;
     tests) tests ;;
     ttft) ttft ;;
-    *) sed -n 2,12p "$0"; exit 2 ;;
+    *) sed -n 2,14p "$0"; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .estimate import estimate_block_scores
     from .graphs import XAttentionGraph
     from .merge import merge_attention
+    from .paged import PagedKV
     from .plan import SparsePlan
     from .selection import select_blocks, select_plan
     from .sparse_attention import block_sparse_attention
@@ -31,6 +32,7 @@ _EXPORTS = {
     "select_plan": "selection",
     "SparsePlan": "plan",
     "merge_attention": "merge",
+    "PagedKV": "paged",
     "XAttentionGraph": "graphs",
     "block_sparse_attention": "sparse_attention",
     "block_density": "stats",
@@ -44,6 +46,7 @@ __all__ = [
     "block_sparse_attention",
     "SparsePlan",
     "merge_attention",
+    "PagedKV",
     "XAttentionGraph",
     "block_density",
 ]

@@ -131,6 +131,33 @@ def check_qkv(q: object, k: object, v: object | None = None, layout: str = "bhsd
     return AttentionShape(b, hq, hkv, lq, lk, d, q.device)
 
 
+def check_paged_qkv(q: object, kv, v: object) -> AttentionShape:
+    """Validate q ``[B,Hq,Lq,D]`` against a :class:`~xattention.paged.PagedKV` passed as ``k``
+    (which checked itself when built) and return the sizes."""
+    q = _check_tensor("q", q)
+    if v is not None:
+        raise TypeError("v must be None when k is a PagedKV (it holds both K and V), got "
+                        f"{type(v).__name__}")
+    b, hq, lq, d = q.shape
+    kb, hkv, lk, dk = kv.shape
+    if kv.dtype != q.dtype:
+        raise TypeError(f"the PagedKV has dtype {kv.dtype} but q has {q.dtype}; they must match")
+    if kv.device != q.device:
+        raise ValueError(f"the PagedKV is on {kv.device} but q is on {q.device}; they must match")
+    if kb != b:
+        raise ValueError(f"the PagedKV's block_table has {kb} rows but q has batch size {b}")
+    if dk != d:
+        raise ValueError(f"the PagedKV has head_dim {dk} but q has {d}; they must match")
+    if hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of the PagedKV's kv heads ({hkv})")
+    if lq == 0 or d == 0:
+        raise ValueError(f"q needs a non-empty length and head_dim, got {tuple(q.shape)}")
+    if lq > lk:
+        raise ValueError(f"q length ({lq}) must not exceed the PagedKV's seq_len ({lk}): queries "
+                         "are the last q_len positions of the context")
+    return AttentionShape(b, hq, hkv, lq, lk, d, q.device)
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import runs_dense
+from ._backend import interpreter_enabled, runs_dense, warn_once
 from ._validation import (
     AttentionShape,
     as_bhsd,
@@ -23,6 +23,7 @@ from ._validation import (
     check_block_params,
     check_bool,
     check_estimate_dtype,
+    check_paged_qkv,
     check_qkv,
     check_scale,
     check_threshold,
@@ -31,6 +32,7 @@ from ._validation import (
 from .block_layout import BlockLayout
 from .estimate import _estimate_with_flags
 from .kernels.dense import dense_attention, dense_block_mask
+from .paged import PagedKV
 from .plan import SparsePlan
 from .selection import DEFAULT_THRESHOLD, _select_plan
 from .sparse_attention import _sparse_attention
@@ -61,8 +63,8 @@ class CallSpec:
 
 def xattention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | PagedKV,
+    v: torch.Tensor | None,
     threshold: float | torch.Tensor = DEFAULT_THRESHOLD,
     stride: int = 8,
     block_size: int = 128,
@@ -81,7 +83,9 @@ def xattention(
     Args:
         q: ``[B, Hq, Lq, D]`` queries, the last ``Lq`` positions of the context (``Lq < Lk`` is
             chunked prefill against a KV cache).
-        k, v: ``[B, Hkv, Lk, D]``; ``Hq % Hkv == 0`` (GQA: pass K/V unrepeated).
+        k, v: ``[B, Hkv, Lk, D]``; ``Hq % Hkv == 0`` (GQA: pass K/V unrepeated). Or ``k`` a
+            :class:`~xattention.paged.PagedKV` (a paged cache and its block table) and ``v``
+            None: the Triton kernels then read K/V in place through the table.
         threshold: fraction of estimated attention mass each query block keeps; a real number
             in ``(0, inf)`` (NumPy scalars too, not bool) or a tensor ``[Hq]``. ``>= 1`` keeps
             every block (dense attention).
@@ -136,7 +140,10 @@ def check_call(q, k, v, *, threshold=DEFAULT_THRESHOLD, stride=8, block_size=128
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, CallSpec]:
     """Validate an ``xattention()`` call once: ``(q, k, v as [B, H, L, D] views, spec)``."""
     q, k, v, bshd = as_bhsd(layout, q, k, v)
-    shape = check_qkv(q, k, v, layout="bshd" if bshd else "bhsd")
+    if isinstance(k, PagedKV):
+        shape = check_paged_qkv(q, k, v)
+    else:
+        shape = check_qkv(q, k, v, layout="bshd" if bshd else "bhsd")
     stride, block_size = check_block_params(stride, block_size)
     spec = CallSpec(
         shape=shape,
@@ -163,11 +170,19 @@ def run_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: CallSpec,
     ``out``: a ``[B, Hq, Lq, D]`` buffer for the output (a captured graph's), else a new one.
     """
     shape, lay = spec.shape, spec.layout
+    if isinstance(k, PagedKV):
+        reason = _paged_gather_reason(q, k, spec)
+        if reason is not None:
+            if q.is_cuda:
+                warn_once(f"xattention: the paged K/V is copied out of its pages ({reason})")
+            k, v = k.gather()
     if shape.batch == 0:  # like SDPA: an empty batch gives an empty output
         return _results(spec, q.new_empty(q.shape[:3] + v.shape[3:]),
                         q.new_empty(q.shape[:3], dtype=torch.float32),
                         SparsePlan.empty(lay, 0, shape.q_heads, q.device))
     if runs_dense(q, k, spec.causal, spec.backend, spec.min_sparse_len):
+        if isinstance(k, PagedKV):  # short: SDPA on a copy costs less than the sparse calls
+            k, v = k.gather()
         if not (spec.return_lse or spec.return_plan):
             res = dense_attention(q, k, v, spec.causal, spec.scale)
             if out is not None:
@@ -180,14 +195,37 @@ def run_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: CallSpec,
         full = lay.candidate(q.device).expand(shape.batch, shape.q_heads, -1, -1)
         plan = SparsePlan.from_mask(full, lay)
     else:
-        scores, flags = _estimate_with_flags(q, k, v, spec.stride, spec.block_size, spec.causal,
-                                             spec.scale, spec.backend, spec.estimate_dtype)
+        # A PagedKV stands for both K and V (the estimate's non-finite flags read both).
+        kv_v = k if isinstance(k, PagedKV) else v
+        scores, flags = _estimate_with_flags(q, k, kv_v, spec.stride, spec.block_size,
+                                             spec.causal, spec.scale, spec.backend,
+                                             spec.estimate_dtype)
         plan = _select_plan(scores, spec.threshold, lay, spec.backend, inputs=(q, k, v),
                             flags=flags)
     got = _sparse_attention(q, k, v, plan, spec.block_size, spec.causal, spec.scale,
                             spec.backend, spec.return_lse, out=out)
     res, lse = got if spec.return_lse else (got, None)
     return _results(spec, res, lse, plan)
+
+
+def _paged_gather_reason(q: torch.Tensor, kv: PagedKV, spec: CallSpec) -> str | None:
+    """Why this call cannot read ``kv`` in place (it then runs on a gathered copy), or None.
+
+    Only the Triton estimate and sparse kernels read pages; the PyTorch path (CPU tensors,
+    ``backend="torch"``) and the FP8 estimate's rounding take contiguous K/V.
+    """
+    from .kernels import estimate_unsupported_reason, sparse_attention_unsupported_reason
+
+    if spec.backend == "torch":
+        return "backend='torch'"
+    if not (q.is_cuda or interpreter_enabled()):
+        return "the PyTorch path (CPU tensors)"
+    if spec.estimate_dtype is not None:
+        return "the FP8 estimate rounds a contiguous copy of k"
+    if kv.k_pages.stride(-1) != 1 or kv.v_pages.stride(-1) != 1:
+        return "the pages' head dim is not contiguous"
+    return (estimate_unsupported_reason(q, kv, spec.stride, spec.block_size)
+            or sparse_attention_unsupported_reason(q, spec.block_size))
 
 
 def _results(spec: CallSpec, out, lse, plan: SparsePlan):

@@ -25,6 +25,7 @@ from ._validation import (
     from_bhsd,
 )
 from .block_layout import BlockLayout, num_blocks
+from .paged import PagedKV
 from .plan import SparsePlan
 
 # Elements held at once by one chunk of the PyTorch path: gathered K/V plus logits (64 MiB fp32).
@@ -118,7 +119,8 @@ def _sparse_attention(q, k, v, mask, block_size, causal, scale, backend, return_
     layout = BlockLayout(q.shape[2], k.shape[2], block_size, causal)
     if chosen == "triton":
         plan = mask if isinstance(mask, SparsePlan) else SparsePlan.from_mask(mask, layout)
-        if uses_fa4(q, k, block_size, backend):
+        # FlashAttention-4 takes contiguous K/V: a PagedKV stays with the kernel that reads pages.
+        if not isinstance(k, PagedKV) and uses_fa4(q, k, block_size, backend):
             from .kernels.fa4 import block_sparse_attention_fa4
 
             res, lse = block_sparse_attention_fa4(q, k, v, plan, scale)

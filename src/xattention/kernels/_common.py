@@ -72,3 +72,21 @@ def block_is_fully_visible(j, i, q_len, k_len, BLOCK_SIZE: tl.constexpr, CAUSAL:
     if CAUSAL:
         return inside & ((j + 1) * BLOCK_SIZE - 1 <= p_first)
     return inside
+
+
+@triton.jit
+def kv_row_offsets(rows, k_len, table_row, stride_page, stride_row, PAGE: tl.constexpr):
+    """Element offsets of key/value rows ``rows`` from their head's base pointer.
+
+    ``PAGE == 0``: contiguous rows, ``rows * stride_row``. Otherwise a paged cache
+    (:class:`xattention.paged.PagedKV`): row ``t`` lies in page ``table_row[t // PAGE]`` (pages
+    ``stride_page`` apart, in int64: a cache spans more than 2^31 elements), slot ``t % PAGE``.
+    Rows past ``k_len`` read page 0; their loads are masked by the caller.
+    """
+    if PAGE == 0:
+        off = rows * stride_row
+    else:
+        page = tl.load(table_row + rows // PAGE, mask=rows < k_len, other=0)
+        off = page.to(tl.int64) * stride_page + (rows % PAGE) * stride_row
+    return off
+

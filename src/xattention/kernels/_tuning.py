@@ -58,3 +58,8 @@ def force_config(kernel, config: triton.Config) -> Iterator[None]:
     finally:
         _forced.pop(name, None)
         kernel.cache.clear()
+
+
+def any_forced() -> bool:
+    """Whether a test forces a config on some kernel (cached launches stand aside then)."""
+    return bool(_forced)

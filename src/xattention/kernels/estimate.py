@@ -30,7 +30,9 @@ import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
 from ..block_layout import num_blocks
-from ._common import LOG2E, len_bucket, padded_head_dim
+from ..paged import PagedKV
+from ._common import LOG2E, kv_row_offsets, len_bucket, padded_head_dim
+from ._launch import CachedLauncher
 from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 from .quantize import quantize_per_head_triton
 
@@ -168,25 +170,26 @@ def _prune(configs, named_args, **kwargs):
     # short inputs and chunked prefill (few query rows against many keys) tune apart.
     # Triton adds the tensors' dtypes to the key, so FP8 operands tune apart from bf16 ones.
     key=["HEAD_DIM", "STRIDE", "GPB", "G_TILE", "CAUSAL", "len_bucket", "rows_bucket",
-         "IS_FP32", "SCALED"],
+         "IS_FP32", "SCALED", "PAGE"],
     prune_configs_by={"early_config_prune": _prune},
     # The scratch is rewritten whole by every run, so benchmarking configs is side-effect free.
     do_bench=autotune_timer(),
 )
 @triton.jit
 def _antidiagonal_estimate_fwd(
-    Q, K, V, Scores, Partial, TileMax, QScale, KScale, RowBad, KeyBad,
+    Q, K, V, Scores, Partial, TileMax, QScale, KScale, RowBad, KeyBad, Table,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_sb, stride_sh, stride_si,
-    stride_vb, stride_vh, stride_vn,
+    stride_vb, stride_vh, stride_vn, stride_tb,
     len_bucket, rows_bucket, row_groups, q_heads, kv_heads, q_len, k_len,
     num_q_groups, num_k_groups, num_q_blocks, num_k_blocks,
     chunk_a0, chunk_rows, partial_row_len, tile_max_row_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     STRIDE: tl.constexpr, GPB: tl.constexpr, G_TILE: tl.constexpr,
     CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, SCALED: tl.constexpr, FLAGS: tl.constexpr,
-    KEY_ROWS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, KEY_ROWS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_TILE * ROWS
     NB_T: tl.constexpr = BLOCK_N // GPB  # key blocks per key tile
@@ -209,7 +212,12 @@ def _antidiagonal_estimate_fwd(
     offs_d = tl.arange(0, BLOCK_D)
 
     q_row_base = Q + b * stride_qb + head * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
+    # Paged K/V (PAGE > 0): the batch stride is the page stride, rows come through the table.
+    table_row = Table + b * stride_tb
+    if PAGE == 0:
+        k_base = K + b * stride_kb + hk * stride_kh
+    else:
+        k_base = K + hk * stride_kh
     offset = k_len - q_len
     # Causal limit per row: key group b is allowed iff b*S <= position of the group's last row.
     last_pos = offset + tl.minimum(a * STRIDE + STRIDE - 1, q_len - 1)
@@ -258,16 +266,21 @@ def _antidiagonal_estimate_fwd(
         if scan_keys:
             KB_ROWS: tl.constexpr = KEY_ROWS
             kr = tl.arange(0, KB_ROWS)
-            v_base = V + b * stride_vb + hk * stride_vh
+            if PAGE == 0:
+                v_base = V + b * stride_vb + hk * stride_vh
+            else:
+                v_base = V + hk * stride_vh
             for kb in range(tl.program_id(0), num_k_blocks, tiles_per_chunk):
                 kv_bad = tl.zeros([KB_ROWS], dtype=tl.int32)
                 for e in range(0, (GPB * STRIDE // KB_ROWS) * ND):
                     rows_k = kb * (GPB * STRIDE) + (e // ND) * KB_ROWS + kr
                     d = (e % ND) * BLOCK_D + offs_d
                     ok = (rows_k < k_len)[:, None] & (d < HEAD_DIM)[None, :]
-                    kx = tl.load(k_base + rows_k[:, None] * stride_kn + d[None, :], mask=ok,
+                    k_off = kv_row_offsets(rows_k, k_len, table_row, stride_kb, stride_kn, PAGE)
+                    v_off = kv_row_offsets(rows_k, k_len, table_row, stride_vb, stride_vn, PAGE)
+                    kx = tl.load(k_base + k_off[:, None] + d[None, :], mask=ok,
                                  other=0.0).to(tl.float32)
-                    vx = tl.load(v_base + rows_k[:, None] * stride_vn + d[None, :], mask=ok,
+                    vx = tl.load(v_base + v_off[:, None] + d[None, :], mask=ok,
                                  other=0.0).to(tl.float32)
                     bad = ((kx - kx) != 0) | ((vx - vx) != 0)
                     kv_bad = tl.maximum(kv_bad, tl.max(bad.to(tl.int32), 1))
@@ -286,7 +299,8 @@ def _antidiagonal_estimate_fwd(
             qv = tl.load(q_row_base[:, None] + q_rows[:, None] * stride_qm + d[None, :],
                          mask=(q_rows < q_len)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
             k_rows = kg * STRIDE + t
-            kv = tl.load(k_base + k_rows[None, :] * stride_kn + d[:, None],
+            k_off = kv_row_offsets(k_rows, k_len, table_row, stride_kb, stride_kn, PAGE)
+            kv = tl.load(k_base + k_off[None, :] + d[:, None],
                          mask=(k_rows < k_len)[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
             if IS_FP32:  # tf32 would cost ~1e-3 relative error on the logits
                 acc = tl.dot(qv, kv, acc, input_precision="ieee")
@@ -335,6 +349,9 @@ def _antidiagonal_estimate_fwd(
         tl.store(out_ptrs + kb[None, :], score, mask=out_ok & (kb < num_k_blocks)[None, :])
 
 
+_estimate_launcher = CachedLauncher(_antidiagonal_estimate_fwd)
+
+
 def _head_tile(group: int) -> int:
     """Query heads per program: the largest power of two dividing the GQA group, at most 8."""
     tile = 1
@@ -349,18 +366,32 @@ def estimate_block_scores_triton(
 ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The block scores; with ``v``, also the selection's non-finite flags: int8 ``[B, Hq, nQB]``
     (query blocks holding a NaN or inf q) and ``[B, Hkv, nKB]`` (key blocks holding one in k or
-    v), written by the same launch."""
+    v), written by the same launch.
+
+    ``k`` may be a :class:`~xattention.paged.PagedKV` (then ``v`` is the same object or None):
+    its rows are read in place through the block table (not with ``estimate_dtype``).
+    """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    paged = k if isinstance(k, PagedKV) else None
     scores = new_output((b, hq, num_blocks(lq, block_size), num_blocks(lk, block_size)),
                         torch.float32, q.device)
     q_scale = k_scale = None
+    if estimate_dtype is not None and paged is not None:
+        raise ValueError("the FP8 estimate rounds a contiguous k: gather the PagedKV first")
     if estimate_dtype is not None:
         # Keys centred: the softmax over key groups ignores a per-row shift (xattention.fp8).
         q, q_scale = quantize_per_head_triton(q)
         k, k_scale = quantize_per_head_triton(k, center=True)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    if paged is None:
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))
+        table, page = k, 0  # placeholder, unread
+    else:
+        k = paged.k_pages
+        k_strides = paged.kernel_strides("k")
+        table, page = paged.block_table, paged.page_size
     gpb = block_size // stride
     g_tile = _head_tile(hq // hkv)
     nqg, nkg = num_blocks(lq, stride), num_blocks(lk, stride)
@@ -384,11 +415,16 @@ def estimate_block_scores_triton(
                            device=q.device)
     flags = v is not None
     if flags:
-        v = v if v.stride(-1) == 1 else v.contiguous()
+        if paged is not None:
+            v, v_strides = paged.v_pages, paged.kernel_strides("v")
+        else:
+            v = v if v.stride(-1) == 1 else v.contiguous()
+            v_strides = (v.stride(0), v.stride(1), v.stride(2))
         row_bad = new_output((b, hq, nqb), torch.int8, q.device)
         key_bad = new_output((b, hkv, nkb), torch.int8, q.device)
     else:
         v, row_bad, key_bad = k, scores, scores  # placeholders, unread
+        v_strides = k_strides
     head_tiles = b * hkv * ((hq // hkv) // g_tile)
 
     for a0 in range(0, nqg, chunk_rows):
@@ -398,19 +434,20 @@ def estimate_block_scores_triton(
         def grid(meta, rows_here=rows_here):
             return (triton.cdiv(rows_here, meta["ROWS"]), b * hkv * ((hq // hkv) // g_tile))
 
-        _antidiagonal_estimate_fwd[grid](
+        _estimate_launcher[grid](
             q, k, v, scores, partial, tile_max,
             scores if q_scale is None else q_scale, scores if k_scale is None else k_scale,
-            row_bad, key_bad,
+            row_bad, key_bad, table,
             q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
+            *k_strides,
             scores.stride(0), scores.stride(1), scores.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
+            *v_strides, table.stride(0),
             len_bucket(lk), int(math.log2(row_groups)), row_groups, hq, hkv, lq, lk, nqg, nkg, nqb,
             nkb,
             a0, chunk_rows, partial_row_len, tile_max_row_len, scale * LOG2E / stride,
             HEAD_DIM=d, D_PAD=d_pad, STRIDE=stride, GPB=gpb, G_TILE=g_tile,
             CAUSAL=bool(causal), IS_FP32=q.dtype == torch.float32, SCALED=q_scale is not None,
+            PAGE=page,
             FLAGS=flags, KEY_ROWS=min(16, block_size & -block_size),
         )
     return (scores, (row_bad, key_bad)) if flags else scores

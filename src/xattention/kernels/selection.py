@@ -33,6 +33,7 @@ from ._common import (
     row_pad,
     row_warps,
 )
+from ._launch import CachedLauncher
 
 
 @triton.jit
@@ -109,6 +110,9 @@ def _select_plan_kernel(
     tl.store(PartialCount + pid, n_part)
 
 
+_select_launcher = CachedLauncher(_select_plan_kernel)
+
+
 @functools.lru_cache(maxsize=64)
 def _threshold_vector(value: float, heads: int, device: torch.device) -> torch.Tensor:
     """One float64 threshold per head, cached: read-only, and a fill per call is one launch more."""
@@ -138,7 +142,7 @@ def select_plan_triton(
         row_bad, key_bad = flags
         group = h // key_bad.shape[1]
     width = row_pad(nkb)
-    _select_plan_kernel[(b * h * nqb,)](
+    _select_launcher[(b * h * nqb,)](
         scores, thr, plan.full_count, plan.full_index, plan.partial_count, plan.partial_index,
         row_bad, key_bad,
         scores.stride(0), scores.stride(1), scores.stride(2),

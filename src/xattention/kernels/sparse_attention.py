@@ -22,8 +22,10 @@ import triton
 import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
+from ..paged import PagedKV
 from ..plan import SparsePlan
-from ._common import LN2, LOG2E, len_bucket, padded_head_dim
+from ._common import LN2, LOG2E, kv_row_offsets, len_bucket, padded_head_dim
+from ._launch import CachedLauncher
 from ._tuning import HOPPER_SMEM_BYTES, forced_config, smem_limit
 
 
@@ -96,23 +98,23 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "len_bucket", "IS_FP32", "TMA_OK"],
+    key=["HEAD_DIM", "BLOCK_SIZE", "CAUSAL", "len_bucket", "IS_FP32", "TMA_OK", "PAGE"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=autotune_timer(),
 )
 @triton.jit
 def _block_sparse_attention_fwd(
-    Q, K, V, Out, Lse, FullCount, FullIndex, PartialCount, PartialIndex,
+    Q, K, V, Out, Lse, FullCount, FullIndex, PartialCount, PartialIndex, Table,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_cb, stride_ch,
     stride_fb, stride_fh, stride_fm,
-    stride_pb, stride_ph, stride_pm,
+    stride_pb, stride_ph, stride_pm, stride_tb,
     len_bucket, batch, num_heads, group_size, q_len, k_len, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, TMA_OK: tl.constexpr,
+    CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, TMA_OK: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Query tiles vary fastest so that the programs in flight share one head's K/V in L2; within
@@ -132,8 +134,15 @@ def _block_sparse_attention_fwd(
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    # Paged K/V (PAGE > 0): the batch strides are page strides, rows come through the table
+    # (and TMA_OK is off: a tile's rows are not one box of memory).
+    table_row = Table + b * stride_tb
+    if PAGE == 0:
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+    else:
+        k_base = K + hk * stride_kh
+        v_base = V + hk * stride_vh
     if USE_TMA:  # Hopper's bulk copy engine; it also zero-fills rows past k_len and head_dim
         kv_heads = num_heads // group_size
         k_desc = tl.make_tensor_descriptor(K, shape=[batch, kv_heads, k_len, HEAD_DIM],
@@ -160,12 +169,14 @@ def _block_sparse_attention_fwd(
         acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base,
         FullIndex + b * stride_fb + h * stride_fh + q_block * stride_fm, n_full,
         b, hk, row_pos, offs_n, offs_d, d_ok, k_len, stride_kn, stride_vn, qk_scale,
-        1, CAUSAL, USE_TMA, IS_FP32, BLOCK_SIZE, BLOCK_N, D_PAD)
+        table_row, stride_kb, stride_vb, PAGE, 1, CAUSAL, USE_TMA, IS_FP32, BLOCK_SIZE,
+        BLOCK_N, D_PAD)
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base,
         PartialIndex + b * stride_pb + h * stride_ph + q_block * stride_pm, n_part,
         b, hk, row_pos, offs_n, offs_d, d_ok, k_len, stride_kn, stride_vn, qk_scale,
-        2, CAUSAL, USE_TMA, IS_FP32, BLOCK_SIZE, BLOCK_N, D_PAD)
+        table_row, stride_kb, stride_vb, PAGE, 2, CAUSAL, USE_TMA, IS_FP32, BLOCK_SIZE,
+        BLOCK_N, D_PAD)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -175,10 +186,14 @@ def _block_sparse_attention_fwd(
     tl.store(Lse + (b * num_heads + h) * q_len + offs_m, lse, mask=offs_m < q_len)
 
 
+_sparse_launcher = CachedLauncher(_block_sparse_attention_fwd)
+
+
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, idx_base, n_blocks,
                    b, hk, row_pos, offs_n, offs_d, d_ok, k_len, stride_kn, stride_vn, qk_scale,
-                   STAGE: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
+                   table_row, stride_kp, stride_vp, PAGE: tl.constexpr, STAGE: tl.constexpr,
+                   CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
                    IS_FP32: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    D_PAD: tl.constexpr):
     """Online softmax over the ``n_blocks`` key blocks listed at ``idx_base``.
@@ -192,7 +207,7 @@ def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, idx_base, n
         j = tl.load(idx_base + u // SUB)
         n0 = j * BLOCK_SIZE + (u % SUB) * BLOCK_N
         qk = _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
-                     MASKED, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
+                     table_row, stride_kp, PAGE, MASKED, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
         if MASKED:
             cols = n0 + offs_n
             visible = (cols < k_len)[None, :]
@@ -209,16 +224,17 @@ def _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, idx_base, n
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per element
             alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d,
-                                                      d_ok, k_len, stride_vn, MASKED, USE_TMA,
-                                                      IS_FP32, BLOCK_N, D_PAD)
+        acc = acc * alpha[:, None] + _weighted_values(
+            p, v_desc, v_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_vn,
+            table_row, stride_vp, PAGE, MASKED, USE_TMA, IS_FP32, BLOCK_N, D_PAD)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn,
-            MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, IS_FP32: tl.constexpr,
+            table_row, stride_kp, PAGE: tl.constexpr, MASK_COLS: tl.constexpr,
+            USE_TMA: tl.constexpr, IS_FP32: tl.constexpr,
             BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """q @ k^T for the key tile starting at n0 (unscaled)."""
     if USE_TMA:
@@ -228,7 +244,8 @@ def _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn
         ok = d_ok[:, None]
         if MASK_COLS:
             ok = ok & (cols < k_len)[None, :]
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=ok, other=0.0)
+        rows = kv_row_offsets(cols, k_len, table_row, stride_kp, stride_kn, PAGE)
+        k = tl.load(k_base + rows[None, :] + offs_d[:, None], mask=ok, other=0.0)
     if IS_FP32:  # tf32 would cost ~1e-3 relative error
         return tl.dot(q, k, input_precision="ieee")
     return tl.dot(q, k)
@@ -236,7 +253,8 @@ def _scores(q, k_desc, k_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_kn
 
 @triton.jit
 def _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, stride_vn,
-                     MASK_COLS: tl.constexpr, USE_TMA: tl.constexpr, IS_FP32: tl.constexpr,
+                     table_row, stride_vp, PAGE: tl.constexpr, MASK_COLS: tl.constexpr,
+                     USE_TMA: tl.constexpr, IS_FP32: tl.constexpr,
                      BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """p @ v for the key tile starting at n0."""
     if USE_TMA:
@@ -246,7 +264,8 @@ def _weighted_values(p, v_desc, v_base, b, hk, n0, offs_n, offs_d, d_ok, k_len, 
         ok = d_ok[None, :]
         if MASK_COLS:
             ok = ok & (cols < k_len)[:, None]
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=ok, other=0.0)
+        rows = kv_row_offsets(cols, k_len, table_row, stride_vp, stride_vn, PAGE)
+        v = tl.load(v_base + rows[:, None] + offs_d[None, :], mask=ok, other=0.0)
     if IS_FP32:
         return tl.dot(p, v, input_precision="ieee")
     return tl.dot(p.to(v.dtype), v)
@@ -296,12 +315,21 @@ def block_sparse_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on ``plan`` (already ``[B, Hq, ...]``; expanded views are fine).
 
-    ``out``/``lse``: buffers to write into (a captured graph's outputs), else new ones.
+    ``out``/``lse``: buffers to write into (a captured graph's outputs), else new ones. ``k`` may
+    be a :class:`~xattention.paged.PagedKV` (``v`` None): rows read through its block table.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     layout = plan.layout
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if isinstance(k, PagedKV):
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        paged, k, v = k, k.k_pages, k.v_pages
+        strides = (*paged.kernel_strides("k"), *paged.kernel_strides("v"))
+        table, page, tma = paged.block_table, paged.page_size, False
+    else:
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+        table, page, tma = k, 0, _tma_ok(k, v)  # table: a placeholder, unread
     if plan.full_count.stride() != plan.partial_count.stride() or any(
             t.stride(-1) != 1 for t in (plan.full_count, plan.full_index, plan.partial_index)):
         plan = plan.contiguous()
@@ -314,17 +342,17 @@ def block_sparse_attention_triton(
         return (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
 
     fc, fi, pi = plan.full_count, plan.full_index, plan.partial_index
-    _block_sparse_attention_fwd[grid](
-        q, k, v, out, lse, fc, fi, plan.partial_count, pi,
+    _sparse_launcher[grid](
+        q, k, v, out, lse, fc, fi, plan.partial_count, pi, table,
         q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *strides,
         out.stride(0), out.stride(1), out.stride(2),
         fc.stride(0), fc.stride(1),
         fi.stride(0), fi.stride(1), fi.stride(2),
-        pi.stride(0), pi.stride(1), pi.stride(2),
+        pi.stride(0), pi.stride(1), pi.stride(2), table.stride(0),
         len_bucket(lk), b, hq, hq // hkv, lq, lk, scale * LOG2E,
         HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK_SIZE=layout.block_size,
-        CAUSAL=bool(layout.causal), IS_FP32=q.dtype == torch.float32, TMA_OK=_tma_ok(k, v),
+        CAUSAL=bool(layout.causal), IS_FP32=q.dtype == torch.float32, TMA_OK=tma,
+        PAGE=page,
     )
     return out, lse

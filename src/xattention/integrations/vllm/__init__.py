@@ -11,7 +11,8 @@ Settings are ``XATTENTION_*`` environment variables (``settings.py`` says why an
 statistics are per worker process (``stats.py``: ``XATTENTION_STATS_DIR`` and
 :func:`read_stats`). What runs where (``backend.py``): prefill chunks of at least
 ``XATTENTION_MIN_PREFILL_LEN`` new tokens attend with :func:`xattention.xattention` to their whole
-context, read from the paged KV cache through the block table (:func:`paged.gather_kv`); decode
+context, read from the paged KV cache through the block table (:func:`paged.paged_kv`: in place on
+CUDA; the CPU engine's PyTorch path reads a gathered copy, :func:`paged.gather_kv`); decode
 and short chunks run on the engine's own kernel, which also writes the KV cache.
 
 Tensor parallelism: vLLM splits the query and KV heads across ranks, and each rank's backend
@@ -23,8 +24,9 @@ Importing this package does not import vLLM (``paged``, ``settings`` and ``stats
 it); ``plugin``, ``backend``, ``cpu`` and ``cuda`` need it.
 """
 
-from .paged import gather_kv
+from .paged import gather_kv, paged_kv
 from .settings import XAttentionSettings, settings_from_env
 from .stats import read_stats, worker_stats
 
-__all__ = ["gather_kv", "read_stats", "settings_from_env", "worker_stats", "XAttentionSettings"]
+__all__ = ["gather_kv", "paged_kv", "read_stats", "settings_from_env", "worker_stats",
+           "XAttentionSettings"]

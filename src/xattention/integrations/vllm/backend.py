@@ -12,9 +12,11 @@ Per layer, the implementation lets the engine's kernel write the KV cache (``do_
 is inherited unchanged: the layout stays the one the decode kernel reads), then
 
 * runs the sub-batch through the engine's ``forward`` and scatters its rows back;
-* for each sparse row, gathers the whole context ``[0, seq_len)`` from the paged cache
-  (:func:`~.paged.gather_kv`) and calls :func:`xattention.xattention` with the ``Lq`` new tokens as
-  the last ``Lq`` positions (causal, ``Lq <= Lk``, docs/design.md), the layer's threshold(s)
+* for each sparse row, describes the whole context ``[0, seq_len)`` in the paged cache
+  (:func:`~.paged.paged_kv`: the Triton kernels read it in place through the block table;
+  ``XATTENTION_KV_READ=gather`` copies it out first, :func:`~.paged.gather_kv`) and calls
+  :func:`xattention.xattention` with the ``Lq`` new tokens as the last ``Lq`` positions
+  (causal, ``Lq <= Lk``, docs/design.md), the layer's threshold(s)
   and the engine's softmax scale.
 
 Dense layers (``XATTENTION_DENSE_LAYERS``), batches without a sparse row and layers the method
@@ -38,7 +40,7 @@ from ..._backend import warn_once
 from ...api import xattention
 from .._common.thresholds import ThresholdTable
 from . import stats
-from .paged import gather_kv
+from .paged import gather_kv, paged_kv
 from .settings import VARIABLES, XAttentionSettings, settings_from_env
 
 
@@ -286,11 +288,17 @@ class XAttentionImplMixin:
     def _xa_sparse_row(self, row: SparseRow, block_table: torch.Tensor, query: torch.Tensor,
                        kv_cache: torch.Tensor, output: torch.Tensor) -> None:
         settings = self._xa_settings
-        k, v = gather_kv(kv_cache, block_table[row.index], row.seq_len, self.kv_layout,
-                         head_dim=self.head_size)
         q = query[row.start:row.end].transpose(0, 1).unsqueeze(0).contiguous()
+        if settings.kv_read == "paged" and kv_cache.dtype == q.dtype:
+            # In place: the kernels read the pages (xattention gathers where they cannot).
+            k, v = paged_kv(kv_cache, block_table[row.index], row.seq_len, self.kv_layout,
+                            head_dim=self.head_size), None
+        else:
+            k, v = gather_kv(kv_cache, block_table[row.index], row.seq_len, self.kv_layout,
+                             head_dim=self.head_size)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         threshold = self._xa_thresholds.for_layer(self._xa_layer, q.device)
-        out, mask = xattention(q, k.to(q.dtype), v.to(q.dtype), threshold=threshold,
+        out, mask = xattention(q, k, v, threshold=threshold,
                                stride=settings.stride, block_size=settings.block_size,
                                causal=True, scale=self.scale, return_mask=True,
                                estimate_dtype=settings.estimate_dtype)

@@ -2,7 +2,8 @@
 
 Decode and short chunks run on vLLM's Triton attention kernels and its KV cache writes are
 inherited (layout ``"stacked"`` on vLLM 0.25, ``"split"`` on 0.32: ``paged.py``); prefill rows
-are gathered per request into contiguous K/V and run through XAttention's Triton kernels. Not
+run through XAttention's Triton kernels, which read each request's K/V in place through its
+block-table row (``paged.paged_kv``). Not
 exercised in this repository's CI (no CUDA build of vLLM there): ``eval/gpu/vllm_cuda.sh tests``
 runs ``tests/vllm`` on the lent GPU with vLLM 0.25.
 """

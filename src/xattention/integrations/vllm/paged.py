@@ -19,15 +19,18 @@ their own instead:
 * ``"stacked"``: ``[num_blocks, 2, page_size, num_kv_heads, head_dim]``, K at ``[:, 0]`` and V at
   ``[:, 1]``.
 
-``gather_kv`` copies the first ``seq_len`` tokens into contiguous ``[1, Hkv, seq_len, D]``
-tensors, the shape :func:`xattention.xattention` takes (Triton kernels on CUDA). The copy is
-``2 * Hkv * seq_len * D`` elements: as much as the K/V of one dense prefill, far below the
-attention itself.
+``paged_kv`` describes one request's K/V in place, as a :class:`xattention.PagedKV` over views
+of the cache (no copy): the Triton kernels read it through the block table. ``gather_kv`` copies
+the first ``seq_len`` tokens into contiguous ``[1, Hkv, seq_len, D]`` tensors instead (the
+PyTorch path, ``XATTENTION_KV_READ=gather``): ``2 * Hkv * seq_len * D`` elements, as much as the
+K/V of one dense prefill.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ...paged import PagedKV
 
 LAYOUTS = ("cpu", "split", "stacked")
 
@@ -70,6 +73,48 @@ def _check_inputs(kv_cache: object, block_table: object, seq_len: object, layout
         raise ValueError(f"seq_len={seq_len} needs {pages} pages of {page} tokens, the block "
                          f"table row has {block_table.shape[0]}")
     return num_blocks, page, head_dim, pages
+
+
+def page_views(kv_cache: torch.Tensor, layout: str, head_dim: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k_pages, v_pages [num_blocks, page_size, Hkv, D]``: views of the cache, no copy."""
+    if layout == "stacked":
+        return kv_cache[:, 0], kv_cache[:, 1]
+    if layout == "split":
+        return (kv_cache[..., :head_dim].transpose(1, 2), kv_cache[..., head_dim:].transpose(1, 2))
+    # "cpu": per (page, head) [K^T (D x page) | V (page x D)]; K's head dim is then strided.
+    num, heads, page = kv_cache.shape[:3]
+    if kv_cache.stride(-1) != 1 or kv_cache.stride(-2) != kv_cache.shape[-1]:
+        raise ValueError("layout='cpu' needs a kv_cache contiguous within each page and head")
+    s0, s1 = kv_cache.stride(0), kv_cache.stride(1)
+    off = kv_cache.storage_offset()
+    k = kv_cache.as_strided((num, page, heads, head_dim), (s0, 1, s1, page), off)
+    v = kv_cache.as_strided((num, page, heads, head_dim), (s0, head_dim, s1, 1),
+                            off + page * head_dim)
+    return k, v
+
+
+def paged_kv(
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    layout: str,
+    head_dim: int | None = None,
+) -> PagedKV:
+    """One request's K/V read in place: a :class:`xattention.PagedKV` over the cache's pages.
+
+    Same arguments as :func:`gather_kv`.
+
+    Example:
+        >>> cache = torch.randn(8, 2, 16, 2 * 64)
+        >>> kv = paged_kv(cache, torch.tensor([3, 5, 0]), seq_len=20, layout="split")
+        >>> kv.shape, torch.equal(kv.gather()[0], gather_kv(cache, torch.tensor([3, 5]), 20,
+        ...                                                  "split")[0])
+        (torch.Size([1, 2, 20, 64]), True)
+    """
+    _, _, head_dim, _ = _check_inputs(kv_cache, block_table, seq_len, layout, head_dim)
+    k_pages, v_pages = page_views(kv_cache, layout, head_dim)
+    return PagedKV(k_pages, v_pages, block_table.unsqueeze(0), seq_len)
 
 
 def gather_kv(

@@ -23,6 +23,9 @@ XATTENTION_MIN_PREFILL_LEN = block prefill chunks with fewer new tokens stay den
 XATTENTION_STATS_DIR     (none)   folder where every rank writes its block densities (stats.py)
 XATTENTION_ESTIMATE      exact    ``fp8``: the estimate on FP8 operands (``estimate_dtype`` of
                                   ``xattention()``), faster at long prompts on Hopper
+XATTENTION_KV_READ       paged    ``paged``: prefill reads K/V in place through the block table
+                                  (``xattention.PagedKV``; the Triton kernels); ``gather``: copies
+                                  each request's K/V out of the cache first (the earlier path)
 ======================== ======== ===============================================================
 """
 
@@ -49,8 +52,10 @@ MIN_PREFILL_LEN = "XATTENTION_MIN_PREFILL_LEN"
 OLD_MIN_PREFILL = "XATTENTION_MIN_PREFILL"  # its name before 0.2, still read (with a warning)
 STATS_DIR = "XATTENTION_STATS_DIR"
 ESTIMATE = "XATTENTION_ESTIMATE"
+KV_READ = "XATTENTION_KV_READ"
+KV_READS = ("paged", "gather")
 VARIABLES = (THRESHOLD, STRIDE, BLOCK_SIZE, PROFILE, DENSE_LAYERS, MIN_PREFILL_LEN, STATS_DIR,
-             ESTIMATE, OLD_MIN_PREFILL)
+             ESTIMATE, KV_READ, OLD_MIN_PREFILL)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class XAttentionSettings:
     min_prefill_len: int = 128
     stats_dir: str | None = None
     estimate_dtype: torch.dtype | None = None  # XATTENTION_ESTIMATE=fp8: torch.float8_e4m3fn
+    kv_read: str = "paged"  # XATTENTION_KV_READ
 
     def threshold_for(self, layer: int) -> float | tuple[float, ...]:
         """The float threshold of ``layer``, or its per-query-head tuple (all ranks' heads)."""
@@ -154,7 +160,17 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> XAttentionSetting
                               thresholds=thresholds, profile_path=profile_path,
                               dense_layers=_dense_layers(env),
                               min_prefill_len=_min_prefill_len(env, block_size),
-                              stats_dir=_get(env, STATS_DIR), estimate_dtype=_estimate_dtype(env))
+                              stats_dir=_get(env, STATS_DIR), estimate_dtype=_estimate_dtype(env),
+                              kv_read=_kv_read(env))
+
+
+def _kv_read(env: Mapping[str, str]) -> str:
+    raw = _get(env, KV_READ)
+    if raw is None:
+        return "paged"
+    if raw.lower() not in KV_READS:
+        raise ValueError(f"{KV_READ} must be one of {KV_READS}, got {raw!r}")
+    return raw.lower()
 
 
 def _estimate_dtype(env: Mapping[str, str]) -> torch.dtype | None:
