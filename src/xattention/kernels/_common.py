@@ -21,15 +21,21 @@ def len_bucket(length: int) -> int:
     return int(math.log2(max(length, 1024)))
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (plain Python: ``triton.next_power_of_2`` is a
+    constexpr function on newer Triton, several microseconds per host call)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def padded_head_dim(head_dim: int, elem: int = 2) -> int:
     """The head_dim tiles cover (``D_PAD``): a power of two, at least 16, or 32 for 1-byte (FP8)
     operands, whose matrix products reduce over at least 32 elements."""
-    return max(16 if elem > 1 else 32, triton.next_power_of_2(head_dim))
+    return max(16 if elem > 1 else 32, next_power_of_2(head_dim))
 
 
 def row_pad(num_k_blocks: int) -> int:
     """Power-of-two width of a program that holds a whole row of key blocks (selection)."""
-    return max(16, triton.next_power_of_2(num_k_blocks))
+    return max(16, next_power_of_2(num_k_blocks))
 
 
 def row_warps(width: int) -> int:

@@ -71,7 +71,7 @@ def _few_programs(row_groups: int, device: torch.device) -> bool:
     """Whether 128-row tiles would leave part of the GPU idle (short inputs, few heads)."""
     if device.type != "cuda":
         return False
-    return triton.cdiv(row_groups, 128) < _sm_count(device.index or 0)
+    return num_blocks(row_groups, 128) < _sm_count(device.index or 0)
 
 
 def _smem_bytes(c: triton.Config, g_tile: int, elem: int) -> int:
@@ -137,7 +137,7 @@ def _quick_config(gpb: int, g_tile: int, d_pad: int, row_groups: int,
     floor = _min_tile(gpb)
     rows = max(floor, 128 // g_tile)
     if device.type == "cuda":
-        while rows > floor and triton.cdiv(row_groups, rows) < _sm_count(device.index or 0):
+        while rows > floor and num_blocks(row_groups, rows) < _sm_count(device.index or 0):
             rows //= 2
     warps = 8 if rows * g_tile >= 128 else 4
     wide = warps == 8 and rows * g_tile <= 128 and len_bucket >= 15
@@ -402,13 +402,13 @@ def estimate_block_scores_triton(
     # no tile width can overflow a row) and one running max per key tile (tl.dot needs tiles of
     # at least 16 key groups).
     partial_row_len = nkb
-    tile_max_row_len = triton.cdiv(nkg, 16)
+    tile_max_row_len = num_blocks(nkg, 16)
     row_bytes = b * hq * (partial_row_len + tile_max_row_len) * 4
     # Chunks hold whole query blocks and whole row tiles of any config (up to 256 rows), so no
     # program's rows run past its chunk's scratch.
     unit = max(256, gpb)
     chunk_rows = max(unit, (_SCRATCH_BYTES // max(row_bytes, 1)) // unit * unit)
-    chunk_rows = min(chunk_rows, triton.cdiv(nqg, unit) * unit)
+    chunk_rows = min(chunk_rows, num_blocks(nqg, unit) * unit)
     partial = torch.empty(b * hq * chunk_rows * partial_row_len, dtype=torch.float32,
                           device=q.device)
     tile_max = torch.empty(b * hq * chunk_rows * tile_max_row_len, dtype=torch.float32,
@@ -432,7 +432,7 @@ def estimate_block_scores_triton(
         row_groups = rows_here * head_tiles
 
         def grid(meta, rows_here=rows_here):
-            return (triton.cdiv(rows_here, meta["ROWS"]), b * hkv * ((hq // hkv) // g_tile))
+            return (num_blocks(rows_here, meta["ROWS"]), b * hkv * ((hq // hkv) // g_tile))
 
         _estimate_launcher[grid](
             q, k, v, scores, partial, tile_max,

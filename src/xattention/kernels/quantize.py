@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreter_enabled
+from ..block_layout import num_blocks
 from ..fp8 import FP8_DTYPE, head_scales, quantize_per_head, token_mean
+from ._common import next_power_of_2
 
 
 @triton.jit
@@ -51,9 +53,9 @@ def quantize_per_head_triton(x: torch.Tensor, center: bool = False
     mean = token_mean(x) if center else None
     scale = head_scales(x, mean)
     out = torch.empty((b, h, length, d), dtype=FP8_DTYPE, device=x.device)
-    d_pad = triton.next_power_of_2(d)
+    d_pad = next_power_of_2(d)
     rows = max(1, min(128, 8192 // d_pad))
-    _quantize_e4m3_kernel[(triton.cdiv(length, rows), b * h)](
+    _quantize_e4m3_kernel[(num_blocks(length, rows), b * h)](
         x, scale, scale if mean is None else mean.contiguous(), out,
         x.stride(0), x.stride(1), x.stride(2), h, length,
         HEAD_DIM=d, D_PAD=d_pad, ROWS=rows, CENTER=center,

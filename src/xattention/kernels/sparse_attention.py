@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._backend import autotune_timer, interpreter_enabled, new_output, quick_tuning
+from ..block_layout import num_blocks
 from ..paged import PagedKV
 from ..plan import SparsePlan
 from ._common import LN2, LOG2E, kv_row_offsets, len_bucket, padded_head_dim
@@ -339,7 +340,7 @@ def block_sparse_attention_triton(
         lse = new_output((b, hq, lq), torch.float32, q.device)
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
+        return (num_blocks(lq, meta["BLOCK_M"]), b * hq)
 
     fc, fi, pi = plan.full_count, plan.full_index, plan.partial_index
     _sparse_launcher[grid](
