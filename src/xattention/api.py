@@ -177,7 +177,7 @@ def run_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: CallSpec,
                 warn_once(f"xattention: the paged K/V is copied out of its pages ({reason})")
             k, v = k.gather()
     if shape.batch == 0:  # like SDPA: an empty batch gives an empty output
-        return _results(spec, q.new_empty(q.shape[:3] + v.shape[3:]),
+        return _results(spec, q.new_empty(q.shape[:3] + k.shape[3:]),
                         q.new_empty(q.shape[:3], dtype=torch.float32),
                         SparsePlan.empty(lay, 0, shape.q_heads, q.device))
     if runs_dense(q, k, spec.causal, spec.backend, spec.min_sparse_len):

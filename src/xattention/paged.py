@@ -59,6 +59,9 @@ class PagedKV:
                 table.dtype not in (torch.int32, torch.int64):
             raise TypeError("PagedKV.block_table must be an int32/int64 tensor [batch, "
                             f"pages_per_row], got {getattr(table, 'shape', type(table))}")
+        if table.stride(1) != 1:  # the kernels step along a row by 1
+            raise ValueError("PagedKV.block_table rows must be contiguous (stride(1) == 1), got "
+                             f"strides {table.stride()}")
         if table.device != k.device:
             raise ValueError(f"PagedKV.block_table is on {table.device} but the pages are on "
                              f"{k.device}")
