@@ -7,8 +7,9 @@ token ``t`` of batch row ``b`` at page ``block_table[b, t // page_size]``, slot
 ``t % page_size``, with no copy of the request's K/V.
 
 Where a stage cannot read pages (the PyTorch path, the FP8 estimate's rounding, the dense branch
-of short inputs, FlashAttention-4), it reads the contiguous copy :meth:`PagedKV.gather` makes:
+of short inputs), it reads the contiguous copy :meth:`PagedKV.gather` makes:
 ``2 * B * Hkv * seq_len * D`` elements, the copy an engine integration made before this existed.
+FlashAttention-4 takes contiguous K/V, so a paged call's sparse stage stays on the Triton kernel.
 """
 
 from __future__ import annotations
@@ -119,12 +120,3 @@ class PagedKV:
         """``(page, head, slot)`` element strides of ``k_pages`` or ``v_pages``."""
         t = self.k_pages if which == "k" else self.v_pages
         return t.stride(0), t.stride(2), t.stride(1)
-
-
-def is_paged(x: object) -> bool:
-    return isinstance(x, PagedKV)
-
-
-def contiguous_kv(k, v) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(k, v)`` as tensors: a :class:`PagedKV` gathered, tensors as they are."""
-    return k.gather() if isinstance(k, PagedKV) else (k, v)
