@@ -105,7 +105,8 @@ def test_anything_a_compile_depends_on_misses(fast, change):
     assert len(kernel.compiles) == 2
 
 
-@pytest.mark.parametrize("guard", ["interpreter", "forced", "hook", "disabled", "unkeyable"])
+@pytest.mark.parametrize("guard", ["interpreter", "forced", "hook", "disabled", "unkeyable",
+                                   "unhashable"])
 def test_guards_take_tritons_path(fast, monkeypatch, guard):
     kernel = _Kernel()
     launcher = _launch.CachedLauncher(kernel)
@@ -117,13 +118,52 @@ def test_guards_take_tritons_path(fast, monkeypatch, guard):
     elif guard == "hook":
         monkeypatch.setattr(_launch, "_hooks_set", lambda: True)
     extra = object() if guard == "unkeyable" else None
+    grid = _grid(3)
+    if guard == "unhashable":
+        grid = _grid([3])  # a list captured by the grid function: the key cannot be hashed
     for _ in range(2):
         if guard == "disabled":
             with _launch.launch_cache(False):
-                launcher[_grid(3)](x, 256, extra, FLAG=True)
+                launcher[grid](x, 256, extra, FLAG=True)
         else:
-            launcher[_grid(3)](x, 256, extra, FLAG=True)
+            launcher[grid](x, 256, extra, FLAG=True)
     assert len(kernel.compiles) == 2 and not launcher.cache
+
+
+class _Chain:
+    """Triton 3.5+'s HookChain: an object that is never None, empty until a hook is added."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+
+@pytest.mark.parametrize("enter, exit_, debug, expected", [
+    (None, None, False, False),                  # triton before 3.5, no hooks
+    (_Chain([]), _Chain([]), False, False),      # triton 3.5+, no hooks: the cache may serve
+    (_Chain([print]), _Chain([]), False, True),  # a profiler added an enter hook
+    (_Chain([]), _Chain([print]), False, True),
+    (print, None, False, True),                  # a plain function (before 3.5)
+    (None, None, True, True),                    # Triton's debug mode
+])
+def test_launch_hooks_read_as_set_only_when_a_hook_is_there(monkeypatch, enter, exit_, debug,
+                                                             expected):
+    import triton
+
+    runtime = type("Runtime", (), {"launch_enter_hook": enter, "launch_exit_hook": exit_,
+                                   "debug": debug})()
+    monkeypatch.setattr(triton, "knobs", type("Knobs", (), {"runtime": runtime})(), raising=False)
+    assert _launch._hooks_set() is expected
+
+
+def test_installed_tritons_default_hooks_do_not_block_the_cache():
+    import triton
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        pytest.skip("this Triton has no knobs (the cache always stands aside there)")
+    if getattr(runtime, "debug", False):
+        pytest.skip("Triton's debug mode is on in this environment")
+    assert not _launch._hooks_set()
 
 
 def test_cache_is_bounded(fast, monkeypatch):

@@ -86,6 +86,7 @@ receive() {
         snapshot $X/tree && (cd $X/tree && bash eval/gpu/qwen15b.sh start)
     fi
     nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+    [ -f $X/logs/gpu-tests.log ] && echo "== GPU tests so far: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed$(grep FAILED $X/logs/gpu-tests.log | head -n 3 | cut -c1-160 | sed 's/^/\n   /')"
 }
 
 snapshot() {  # snapshot DIR: the checkout's code and records, copied for jobs that outlive a call
@@ -107,8 +108,9 @@ idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; st
     [ -s $ids.all ] || { { echo "== no GPU test items collected:"; tail -n 40 $ids.collect; } > $log; return; }
     # 2026-12-07 ran items 388-580, the launch count and 1-16 (all passed); 17-387 last ran in
     # run 11, on older code: start there, then the rest again.
-    # The CUDA-graph items (issue 19) have never run on a card: they go first.
-    { grep -E 'graph' $ids.all; tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all
+    # Items no card has run yet go first: the launch cache (active since 2026-12-08) and the
+    # paged K/V reads (kernels changed 2026-12-07), then the CUDA-graph items.
+    { grep -E 'cached|paged' $ids.all; grep -E 'graph' $ids.all; tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all
       head -n "$(( ${GPU_TESTS_FROM:-17} - 1 ))" $ids.all; } | awk '!seen[$0]++' > $ids
     echo "== $(wc -l < $ids) GPU test items, $(date -u +%T)" > $log
     local items; mapfile -t items < $ids  # ids hold brackets and spaces
@@ -126,19 +128,28 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run
     done
     cp "$RESULTS"/*.meta.json "$RESULTS"/profile-*.json $X/results/ 2>/dev/null
     local gpus; gpus=$(nvidia-smi -L | wc -l)
+    local mib; mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+    # The calibration holds ~42 GB at 16k, and the grid workers' allocators grow into what
+    # is free: beside the 32k worker it ran out of memory (2026-12-07), beside the 4k-16k
+    # workers too (2026-12-07, fourth session, in its held-out pass), both on an 80 GB H100,
+    # where the three grid workers alone fit. On one card of less than ~120 GB it runs alone
+    # and profile_worker starts the grid workers when it ends; an H200 (141 GB) holds both.
+    rm -f $X/grid-waits
+    if [ "$gpus" = 1 ] && [ "${mib:-0}" -lt 120000 ] && [ ! -s "$X/results/$PROFILE" ]; then
+        touch $X/grid-waits
+    fi
+    # The records stay on Triton's own launch path until a card has passed the launch cache's
+    # test (tests/test_gpu_kernels.py::test_cached_launches_equal_tritons_path).
+    export XATTENTION_LAUNCH_CACHE=${XATTENTION_LAUNCH_CACHE:-0}
     local i=0
     for w in "${WORKERS[@]}"; do
-        # The calibration holds ~42 GB at 16k, and the grid workers' allocators grow into what
-        # is free: beside the 32k worker it ran out of memory (2026-12-07), beside the 4k-16k
-        # workers too (2026-12-07, fourth session, in its held-out pass). On one GPU it runs
-        # alone and profile_worker starts the grid workers when it ends.
-        if [ "$gpus" = 1 ] && [ ! -s "$X/results/$PROFILE" ]; then continue; fi
+        if [ -f $X/grid-waits ]; then continue; fi
         CUDA_VISIBLE_DEVICES=$((i % gpus)) grid_worker "$w"
         i=$((i + 1))
     done
     CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup bash eval/gpu/qwen15b.sh profile-worker \
         > "$X/logs/worker-d.log" 2>&1 < /dev/null &
-    date +%s > $X/started && echo "== started $((i + 1)) workers on $gpus GPU(s)$([ $i = 0 ] && echo ": the calibration first, alone; the grid after it")"
+    date +%s > $X/started && echo "== started $((i + 1)) workers on $gpus GPU(s) of $mib MiB$([ -f $X/grid-waits ] && echo ": the calibration first, alone; the grid after it")"
 }
 
 grid_worker() {  # grid_worker LINE-OF-WORKERS: that worker, in the background
@@ -157,7 +168,7 @@ profile_worker() {  # worker d: calibrate (unless a profile is committed), then 
         echo "== calibrating: ${CALIBRATE[*]}"
         timeout "${CALIBRATE_SECONDS:-600}" python3 -m xattention "${CALIBRATE[@]}" --out $X/calibrating.json \
             && mv $X/calibrating.json "$p" || echo "== calibration failed"
-        if [ "$(nvidia-smi -L | wc -l)" = 1 ]; then  # the grid workers waited for the calibration
+        if [ -f $X/grid-waits ]; then  # the grid workers waited for the calibration (start)
             for w in "${WORKERS[@]}"; do grid_worker "$w"; done
         fi
         [ -s "$p" ] || exit 1

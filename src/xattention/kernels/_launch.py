@@ -114,9 +114,9 @@ class CachedLauncher:
         try:
             key = (device, tuple(map(_key_of, args)),
                    tuple((k, type(v), v) for k, v in kwargs.items()), _grid_key(grid))
+            hit = self.cache.get(key)  # hashing is where an unhashable grid value shows
         except (_Unkeyable, TypeError):
             return self.kernel[grid](*args, **kwargs)
-        hit = self.cache.get(key)
         if hit is not None:
             compiled, grid3, tail = hit
             stream = _current_stream(device)
@@ -158,5 +158,14 @@ def _hooks_set() -> bool:
     runtime = getattr(knobs, "runtime", None)
     if runtime is None:  # no knobs (before triton 3.4): nothing to check, but also no fast path
         return True
-    return (runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    return (_hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
             or bool(getattr(runtime, "debug", False)))
+
+
+def _hook_active(hook) -> bool:
+    # Triton 3.5+ holds launch hooks in a HookChain that is never None (an empty chain calls
+    # nothing); earlier releases hold a plain function or None.
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or bool(calls)
