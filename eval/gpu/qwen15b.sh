@@ -134,8 +134,11 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run
     # workers too (2026-12-07, fourth session, in its held-out pass), both on an 80 GB H100,
     # where the three grid workers alone fit. On one card of less than ~120 GB it runs alone
     # and profile_worker starts the grid workers when it ends; an H200 (141 GB) holds both.
+    # CALIBRATE_SECONDS=0 leaves the calibration (and the profile's grid) for a later session:
+    # on an 80 GB card it would hold the grid back for most of a session's minutes.
     rm -f $X/grid-waits
-    if [ "$gpus" = 1 ] && [ "${mib:-0}" -lt 120000 ] && [ ! -s "$X/results/$PROFILE" ]; then
+    if [ "$gpus" = 1 ] && [ "${mib:-0}" -lt 120000 ] && [ ! -s "$X/results/$PROFILE" ] \
+        && [ "${CALIBRATE_SECONDS:-600}" != 0 ]; then
         touch $X/grid-waits
     fi
     # The records stay on Triton's own launch path until a card has passed the launch cache's
@@ -147,9 +150,12 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run
         CUDA_VISIBLE_DEVICES=$((i % gpus)) grid_worker "$w"
         i=$((i + 1))
     done
-    CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup bash eval/gpu/qwen15b.sh profile-worker \
-        > "$X/logs/worker-d.log" 2>&1 < /dev/null &
-    date +%s > $X/started && echo "== started $((i + 1)) workers on $gpus GPU(s) of $mib MiB$([ -f $X/grid-waits ] && echo ": the calibration first, alone; the grid after it")"
+    if [ "${CALIBRATE_SECONDS:-600}" != 0 ] || [ -s "$X/results/$PROFILE" ]; then
+        CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup bash eval/gpu/qwen15b.sh profile-worker \
+            > "$X/logs/worker-d.log" 2>&1 < /dev/null &
+        i=$((i + 1))
+    fi
+    date +%s > $X/started && echo "== started $i workers on $gpus GPU(s) of $mib MiB$([ -f $X/grid-waits ] && echo ": the calibration first, alone; the grid after it")"
 }
 
 grid_worker() {  # grid_worker LINE-OF-WORKERS: that worker, in the background
