@@ -108,18 +108,23 @@ idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; st
     [ -s $ids.all ] || { { echo "== no GPU test items collected:"; tail -n 40 $ids.collect; } > $log; return; }
     # 2026-12-07 ran items 388-580, the launch count and 1-16 (all passed); 17-387 last ran in
     # run 11, on older code: start there, then the rest again.
-    # Items no card has run yet go first: the launch cache (active since 2026-12-08) and the
-    # paged K/V reads (kernels changed 2026-12-07), then the CUDA-graph items.
-    { grep -E 'cached|paged' $ids.all; grep -E 'graph' $ids.all; tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all
-      head -n "$(( ${GPU_TESTS_FROM:-17} - 1 ))" $ids.all; } | awk '!seen[$0]++' > $ids
-    echo "== $(wc -l < $ids) GPU test items, $(date -u +%T)" > $log
-    local items; mapfile -t items < $ids  # ids hold brackets and spaces
+    # Items no card has run yet go first, in a pytest run of their own: pytest regroups the
+    # items of one run by their parameters, so a list's order does not hold inside one run
+    # (2026-12-08: the paged configs ran before the launch cache's test, which never ran).
+    grep -E 'cached|over_pages|graph' $ids.all > $ids.first
+    { grep -E 'paged' $ids.all; tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all
+      head -n "$(( ${GPU_TESTS_FROM:-17} - 1 ))" $ids.all; } | grep -vxF -f $ids.first \
+      | awk '!seen[$0]++' > $ids
+    echo "== $(wc -l < $ids.first) + $(wc -l < $ids) GPU test items, $(date -u +%T)" > $log
+    local first items; mapfile -t first < $ids.first; mapfile -t items < $ids  # brackets, spaces
+    timeout 120 python3 -m pytest -v -p no:cacheprovider "${first[@]}" >> $log 2>&1
     timeout "${GPU_TESTS_SECONDS:-900}" python3 -m pytest -v -p no:cacheprovider "${items[@]}" >> $log 2>&1
     echo "== pytest exit $? $(date -u +%T)" >> $log
 }
 
 start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run from a snapshot
     env_device
+    pkill -f "qwen15b.sh [i]dle-tests"  # first, or it starts its next pytest run
     pkill -f "pytest -v -p no:cacheprovider" && echo "== GPU tests stopped: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed"
     for f in "$RESULTS"/*.jsonl.gz; do  # resume from the committed records
         [ -e "$f" ] || continue
