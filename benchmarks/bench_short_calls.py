@@ -53,6 +53,12 @@ def _uncached(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def _cached(fn, *args, **kwargs):
+    """``fn`` with repeat launches replayed by the launch cache (off by default for now)."""
+    with launch_cache(True):
+        return fn(*args, **kwargs)
+
+
 def launches(fn) -> int:
     """Kernels one call launches."""
     fn()
@@ -92,6 +98,8 @@ def bench_length(length: int, hq: int, hkv: int, d: int, block_size: int, stride
         "xattention sparse eager (min_sparse_len=0)": lambda: xattention(
             q, k, v, 0.9, stride, block_size, min_sparse_len=0),
         "xattention sparse eager, launch cache off": lambda: _uncached(
+            xattention, q, k, v, 0.9, stride, block_size, min_sparse_len=0),
+        "xattention sparse eager, launch cache on": lambda: _cached(
             xattention, q, k, v, 0.9, stride, block_size, min_sparse_len=0),
         "xattention sparse graph (copy in + replay)": lambda: graph(q2, k2, v2),
         "xattention sparse replay (inputs in place)": lambda: graph(gq, gk, gv),

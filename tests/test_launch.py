@@ -54,6 +54,7 @@ class _Kernel:
 @pytest.fixture
 def fast(monkeypatch):
     """The launcher's guards as on a GPU with no hooks (the interpreter runs these tests)."""
+    monkeypatch.setattr(_launch, "_enabled", True)  # off by default (DEFAULT_ENABLED)
     monkeypatch.setattr(_launch, "interpreter_enabled", lambda: False)
     monkeypatch.setattr(_launch, "_hooks_set", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -187,3 +188,20 @@ def test_stage_launchers_wrap_their_kernels():
     for launcher, kernel in pairs:
         assert launcher.kernel is kernel
         assert list(launcher._jit.arg_names)  # the parameter list the replay fills in
+
+
+def test_off_by_default_until_a_card_has_run_its_test(fast):
+    """``DEFAULT_ENABLED`` is False until tests/test_gpu_kernels.py's cached-launch test passes
+    on a card; while it is, a plain call takes Triton's path and ``launch_cache(True)`` opts in."""
+    assert _launch.DEFAULT_ENABLED is False
+    kernel = _Kernel()
+    launcher = _launch.CachedLauncher(kernel)
+    x = torch.zeros(64)
+    with _launch.launch_cache(_launch.DEFAULT_ENABLED):
+        for _ in range(2):
+            launcher[_grid(3)](x, 256, 0.5, FLAG=True)
+    assert len(kernel.compiles) == 2 and not launcher.cache
+    with _launch.launch_cache(True):
+        for _ in range(2):
+            launcher[_grid(3)](x, 256, 0.5, FLAG=True)
+    assert len(kernel.compiles) == 3 and len(launcher.cache) == 1

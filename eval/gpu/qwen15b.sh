@@ -146,9 +146,6 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run
         && [ "${CALIBRATE_SECONDS:-600}" != 0 ]; then
         touch $X/grid-waits
     fi
-    # The records stay on Triton's own launch path until a card has passed the launch cache's
-    # test (tests/test_gpu_kernels.py::test_cached_launches_equal_tritons_path).
-    export XATTENTION_LAUNCH_CACHE=${XATTENTION_LAUNCH_CACHE:-0}
     local i=0
     for w in "${WORKERS[@]}"; do
         if [ -f $X/grid-waits ]; then continue; fi
