@@ -190,16 +190,17 @@ def test_stage_launchers_wrap_their_kernels():
         assert list(launcher._jit.arg_names)  # the parameter list the replay fills in
 
 
-def test_off_by_default_until_a_card_has_run_its_test(fast):
+def test_off_by_default_until_a_card_has_run_its_test(fast, monkeypatch):
     """``DEFAULT_ENABLED`` is False until tests/test_gpu_kernels.py's cached-launch test passes
-    on a card; while it is, a plain call takes Triton's path and ``launch_cache(True)`` opts in."""
+    on a card: with the cache at that default a plain call takes Triton's path, and
+    ``launch_cache(True)`` opts in."""
     assert _launch.DEFAULT_ENABLED is False
+    monkeypatch.setattr(_launch, "_enabled", _launch.DEFAULT_ENABLED)  # the process default
     kernel = _Kernel()
     launcher = _launch.CachedLauncher(kernel)
     x = torch.zeros(64)
-    with _launch.launch_cache(_launch.DEFAULT_ENABLED):
-        for _ in range(2):
-            launcher[_grid(3)](x, 256, 0.5, FLAG=True)
+    for _ in range(2):
+        launcher[_grid(3)](x, 256, 0.5, FLAG=True)
     assert len(kernel.compiles) == 2 and not launcher.cache
     with _launch.launch_cache(True):
         for _ in range(2):

@@ -29,6 +29,7 @@ WORKERS=(
 # from the suite's 42) with uniform 0.9's budget, then committed beside the records; later
 # sessions reuse the committed file, so every session adds records of the same profile.
 PROFILE=profile-retrieval-0.9.json
+CALIBRATE_SECONDS=${CALIBRATE_SECONDS:-600}  # 0: no calibration (nor profile grid) this session
 PROFILE_LABEL=retrieval-0.9
 CALIBRATE=(calibrate --model $MODEL --data retrieval --length 16384 --calib-windows 16
            --heldout-windows 16 --reference-threshold 0.9 --device cuda --no-progress)
@@ -143,7 +144,7 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run
     # on an 80 GB card it would hold the grid back for most of a session's minutes.
     rm -f $X/grid-waits
     if [ "$gpus" = 1 ] && [ "${mib:-0}" -lt 120000 ] && [ ! -s "$X/results/$PROFILE" ] \
-        && [ "${CALIBRATE_SECONDS:-600}" != 0 ]; then
+        && [ "$CALIBRATE_SECONDS" != 0 ]; then
         touch $X/grid-waits
     fi
     local i=0
@@ -152,7 +153,7 @@ start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run
         CUDA_VISIBLE_DEVICES=$((i % gpus)) grid_worker "$w"
         i=$((i + 1))
     done
-    if [ "${CALIBRATE_SECONDS:-600}" != 0 ] || [ -s "$X/results/$PROFILE" ]; then
+    if [ "$CALIBRATE_SECONDS" != 0 ] || [ -s "$X/results/$PROFILE" ]; then
         CUDA_VISIBLE_DEVICES=$((i % gpus)) setsid nohup bash eval/gpu/qwen15b.sh profile-worker \
             > "$X/logs/worker-d.log" 2>&1 < /dev/null &
         i=$((i + 1))
@@ -174,7 +175,7 @@ profile_worker() {  # worker d: calibrate (unless a profile is committed), then 
     local p=$X/results/$PROFILE
     if [ ! -s "$p" ]; then
         echo "== calibrating: ${CALIBRATE[*]}"
-        timeout "${CALIBRATE_SECONDS:-600}" python3 -m xattention "${CALIBRATE[@]}" --out $X/calibrating.json \
+        timeout "$CALIBRATE_SECONDS" python3 -m xattention "${CALIBRATE[@]}" --out $X/calibrating.json \
             && mv $X/calibrating.json "$p" || echo "== calibration failed"
         if [ -f $X/grid-waits ]; then  # the grid workers waited for the calibration (start)
             for w in "${WORKERS[@]}"; do grid_worker "$w"; done
