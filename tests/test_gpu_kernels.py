@@ -674,3 +674,26 @@ def test_xattention_over_pages_matches_reference_path():
     got, plan = xattention(q, kv, None, threshold=0.9, min_sparse_len=0, return_plan=True)
     ref = block_sparse_attention(q.double(), k.double(), v.double(), plan, backend="torch")
     assert _rel(got, ref) < 1e-2
+
+
+def test_paged_page_id_outside_the_cache_stops_the_process():
+    """On CUDA the page-id check is a device-side assert (no host sync): a valid table passes, a
+    bad id stops the process (CUDA reports a device-side assert, with or without the check's
+    message). A subprocess, because a fired device assert leaves the CUDA context unusable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from xattention import PagedKV\n"
+        "k = torch.zeros(4, 16, 2, 8, device='cuda')\n"
+        "for ids in ([0, 3], [0, 4]):\n"
+        "    PagedKV(k, k, torch.tensor([ids], device='cuda'), 20)\n"
+        "    torch.cuda.synchronize()\n"
+        "    print('passed', ids, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert "passed [0, 3]" in done.stdout and "passed [0, 4]" not in done.stdout, done.stdout
+    reported = "page id outside [0, 4)" in done.stderr or "device-side assert" in done.stderr
+    assert done.returncode != 0 and reported, done.stderr[-2000:]

@@ -126,6 +126,26 @@ def test_bad_paged_input_is_rejected():
         xattention(torch.zeros(1, 4, 21, 8), kv, None)
 
 
+@pytest.mark.parametrize("bad", [-1, 4, 2**31 - 1])
+def test_page_ids_outside_the_cache_are_rejected(bad):
+    """The kernels index pages unchecked: a stale id must fail at the boundary, naming the entry;
+    entries past the pages ``seq_len`` needs are never read, so padding there stays allowed."""
+    from xattention.integrations.vllm.paged import gather_kv, paged_kv
+
+    k = torch.zeros(4, 16, 2, 8)
+    table = torch.tensor([[0, 1, 2], [3, bad, 0]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"block_table\[1, 1\] = {bad} .*\[0, 4\)"):
+        PagedKV(k, k, table, 20)
+    assert PagedKV(k, k, table[:, [0, 0, 1]], 20).pages_per_row == 2
+    assert PagedKV(k, k, torch.tensor([[2, bad]], dtype=torch.int32), 16).shape[2] == 16
+    cache = torch.zeros(4, 2, 16, 16)
+    for reader in (gather_kv, paged_kv):
+        # paged_kv's PagedKV names the entry in the one-row table it builds: [0, 1].
+        with pytest.raises(ValueError, match=rf"block_table\[(0, )?1\] = {bad} "):
+            reader(cache, table[1], 20, "split")
+        reader(cache, torch.tensor([3, bad]), 16, "split")  # the unread entry is not checked
+
+
 @pytest.mark.parametrize("layout", ["cpu", "split", "stacked"])
 def test_vllm_page_views_read_what_gather_kv_reads(layout, gen):
     """The engine's layouts (xattention.integrations.vllm.paged; no vLLM needed): the in-place

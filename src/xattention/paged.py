@@ -21,6 +21,30 @@ import torch
 from ._validation import SUPPORTED_DTYPES
 
 
+def check_page_ids(ids: torch.Tensor, num_pages: int, name: str) -> None:
+    """Every page id in ``ids`` (the table entries that are read) must lie in ``[0, num_pages)``.
+
+    The kernels index the cache with these ids unchecked, so one stale or foreign id reads
+    outside the cache. On the CPU the check raises ``ValueError`` naming the first bad entry. On
+    CUDA it is a device-side assert (``torch._assert_async``): raising there would need a host
+    sync per call, which graph capture and the serving engine's step loop cannot afford; the
+    assert stops the process at the next synchronisation (torch reports a device-side assert,
+    which may not carry the message below).
+    """
+    if ids.numel() == 0:
+        return
+    low, high = ids.aminmax()
+    if ids.is_cuda:
+        torch._assert_async((low >= 0) & (high < num_pages),
+                            f"xattention: {name} holds a page id outside [0, {num_pages})")
+        return
+    if low < 0 or high >= num_pages:
+        bad = ((ids < 0) | (ids >= num_pages)).nonzero()[0].tolist()
+        where = ", ".join(map(str, bad))
+        raise ValueError(f"{name}[{where}] = {int(ids[tuple(bad)])} is not a page of the cache "
+                         f"(page ids must lie in [0, {num_pages}))")
+
+
 @dataclass(frozen=True)
 class PagedKV:
     """K/V of ``batch`` sequences of ``seq_len`` tokens, in pages.
@@ -72,6 +96,7 @@ class PagedKV:
         if self.pages_per_row > table.shape[1]:
             raise ValueError(f"PagedKV.seq_len={seq} needs {self.pages_per_row} pages of "
                              f"{self.page_size} tokens, block_table rows have {table.shape[1]}")
+        check_page_ids(table[:, : self.pages_per_row], k.shape[0], "PagedKV.block_table")
 
     # -- sizes ------------------------------------------------------------------------------
     @property

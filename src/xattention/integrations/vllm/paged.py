@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ...paged import PagedKV
+from ...paged import PagedKV, check_page_ids
 
 LAYOUTS = ("cpu", "split", "stacked")
 
@@ -141,8 +141,10 @@ def gather_kv(
         >>> k.shape, torch.equal(k[0, :, 16:], cache[5, :, :4, :64])
         (torch.Size([1, 2, 20, 64]), True)
     """
-    _, page, head_dim, pages = _check_inputs(kv_cache, block_table, seq_len, layout, head_dim)
+    num_blocks, page, head_dim, pages = _check_inputs(kv_cache, block_table, seq_len, layout,
+                                                      head_dim)
     ids = block_table[:pages].long()
+    check_page_ids(ids, num_blocks, "block_table")  # paged_kv's PagedKV checks its own
     if layout == "split":
         k_pages = kv_cache[ids, :, :, :head_dim]          # [pages, Hkv, page, D]
         v_pages = kv_cache[ids, :, :, head_dim:]
