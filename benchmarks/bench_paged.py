@@ -83,11 +83,13 @@ def bench_length(length: int, hq: int, hkv: int, d: int, block_size: int) -> lis
         "sdpa_cudnn (gathered K/V)": cudnn,
     }
     ref = variants["contiguous (never paged)"]()
+    density = xattention(q, kv, None, return_plan=True, **opts)[1].density()
     rows = []
     for name, fn in variants.items():
         out = fn()
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         rows.append({"L": length, "variant": name, "ms": bench_ms(fn),
+                     "density": 1.0 if name.startswith("sdpa") else density,
                      "peak_extra_mib": peak_extra_mib(fn), "rel_err_vs_contiguous": err})
     base = rows[-1]["ms"]
     for r in rows:
@@ -102,7 +104,8 @@ def main() -> None:
     rows = []
     for length in parse_lengths(args.lengths):
         rows += bench_length(length, args.heads, args.kv_heads, args.head_dim, args.block_size)
-    cols = ["L", "variant", "ms", "speedup_vs_cudnn", "peak_extra_mib", "rel_err_vs_contiguous"]
+    cols = ["L", "variant", "ms", "speedup_vs_cudnn", "density", "peak_extra_mib",
+            "rel_err_vs_contiguous"]
     meta = gpu_info() | {"heads": f"{args.heads}/{args.kv_heads}", "head_dim": args.head_dim,
                          "block_size": args.block_size, "page_size": PAGE, "threshold": 0.9,
                          "stride": 8, "dtype": "bfloat16", "causal": True}

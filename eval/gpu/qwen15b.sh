@@ -78,7 +78,8 @@ receive() {
         python3 -c "import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open('$X/cache/extras.tar.xz')).extractall('$X')" \
             && touch $X/extras.done && echo "== extras unpacked"
     fi
-    # The GPU idles while the pieces arrive (~20 s a call): the GPU tests use that time.
+    # The GPU idles while the pieces arrive (~20 s a call): the GPU tests and issue 19's
+    # model-free benches use that time (idle_tests).
     if [ "$1" = 1 ] && [ ! -f $X/started ]; then
         snapshot $X/tree-tests && (cd $X/tree-tests && setsid nohup bash eval/gpu/qwen15b.sh idle-tests \
             > /dev/null 2>&1 < /dev/null &)
@@ -87,6 +88,7 @@ receive() {
         snapshot $X/tree && (cd $X/tree && bash eval/gpu/qwen15b.sh start)
     fi
     nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+    [ -f $X/logs/plan-benches.log ] && echo "== plan benches: $(grep '^== ' $X/logs/plan-benches.log | tail -n 1)"
     [ -f $X/logs/gpu-tests.log ] && echo "== GPU tests so far: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed$(grep FAILED $X/logs/gpu-tests.log | head -n 3 | cut -c1-160 | sed 's/^/\n   /')"
 }
 
@@ -97,7 +99,7 @@ snapshot() {  # snapshot DIR: the checkout's code and records, copied for jobs t
     rm -rf "$1" && mkdir -p "$1" && cp -r src tests benchmarks eval pyproject.toml "$1"/
 }
 
-idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; stopped by start
+idle_tests() {  # while the pieces arrive: GPU tests and issue 19's short benches; stopped by start
     env_device
     export PYTHONPATH="$PYTHONPATH:$PWD/tests" TRITON_INTERPRET=0
     local ids=$X/logs/gpu-test-ids.txt log=$X/logs/gpu-tests.log
@@ -112,20 +114,26 @@ idle_tests() {  # tests/test_gpu_kernels.py, the items no card has run first; st
     # Items no card has run yet go first, in a pytest run of their own: pytest regroups the
     # items of one run by their parameters, so a list's order does not hold inside one run
     # (2026-12-08: the paged configs ran before the launch cache's test, which never ran).
-    grep -E 'cached|over_pages|graph' $ids.all > $ids.first
+    grep -E 'cached|over_pages|graph|page_id' $ids.all > $ids.first
     { grep -E 'paged' $ids.all; tail -n +"${GPU_TESTS_FROM:-17}" $ids.all; grep three_launches $ids.all
       head -n "$(( ${GPU_TESTS_FROM:-17} - 1 ))" $ids.all; } | grep -vxF -f $ids.first \
       | awk '!seen[$0]++' > $ids
     echo "== $(wc -l < $ids.first) + $(wc -l < $ids) GPU test items, $(date -u +%T)" > $log
     local first items; mapfile -t first < $ids.first; mapfile -t items < $ids  # brackets, spaces
     timeout 120 python3 -m pytest -v -p no:cacheprovider "${first[@]}" >> $log 2>&1
+    # Then issue 19's benches that need no model (~4.5 min; the GPU is otherwise idle until the
+    # grid starts, the host only checks and writes pieces): the short-call table, the paged
+    # reads, the crossover, into $X/plan/r (collect carries it, land commits it). Whatever the
+    # grid's start cuts short is left to device_plan.sh after the grid.
+    OUT=$X/plan bash benchmarks/device_plan.sh short paged cross > $X/logs/plan-benches.log 2>&1
     timeout "${GPU_TESTS_SECONDS:-900}" python3 -m pytest -v -p no:cacheprovider "${items[@]}" >> $log 2>&1
     echo "== pytest exit $? $(date -u +%T)" >> $log
 }
 
 start() {  # one worker process per line of WORKERS, all on the lent GPU(s); run from a snapshot
     env_device
-    pkill -f "qwen15b.sh [i]dle-tests"  # first, or it starts its next pytest run
+    pkill -f "qwen15b.sh [i]dle-tests"  # first, or it starts its next pytest run or bench
+    pkill -f "device_plan.sh [s]hort" && pkill -f "python bench_" && echo "== plan benches stopped"
     pkill -f "pytest -v -p no:cacheprovider" && echo "== GPU tests stopped: $(grep -c PASSED $X/logs/gpu-tests.log) passed, $(grep -c FAILED $X/logs/gpu-tests.log) failed"
     for f in "$RESULTS"/*.jsonl.gz; do  # resume from the committed records
         [ -e "$f" ] || continue
@@ -195,7 +203,8 @@ collect() {
         grep -iE "error|Traceback|out of memory" "$f" | tail -n 3
     done
     for f in $X/results/*.jsonl; do [ -e "$f" ] && echo "$(wc -l < "$f") records $(basename "$f")"; done
-    tar -C $X -czf "$OUT/results.tgz" results logs $( [ -d $X/bench ] && echo bench )
+    tar -C $X -czf "$OUT/results.tgz" results logs $( [ -d $X/bench ] && echo bench ) \
+        $( [ -d $X/plan ] && echo plan )
 }
 
 finish() {
@@ -219,6 +228,13 @@ land() {  # land DIR: the folder holding a fetched results.tgz
     done
     cp "$tmp"/results/*.meta.json "$tmp"/results/profile-*.json "$RESULTS"/ 2>/dev/null || true
     if [ -d "$tmp/bench" ]; then cp "$tmp"/bench/* benchmarks/results/; fi
+    # device_plan.sh's benches from the transfer's idle GPU: JSON + markdown beside the others,
+    # the logs (and the card's name, gpu.txt) under benchmarks/results/plan-logs.
+    if [ -d "$tmp/plan/r" ]; then
+        cp "$tmp"/plan/r/*.json "$tmp"/plan/r/*.md benchmarks/results/ 2>/dev/null || true
+        mkdir -p benchmarks/results/plan-logs
+        cp "$tmp"/plan/r/*.log "$tmp"/plan/r/gpu.txt benchmarks/results/plan-logs/ 2>/dev/null || true
+    fi
     mkdir -p "$RESULTS/logs" && cp "$tmp"/logs/*.log "$RESULTS/logs/" 2>/dev/null || true
     rm -rf "$tmp"
     xattention eval report "$RESULTS"/*.jsonl.gz --out "$RESULTS"
