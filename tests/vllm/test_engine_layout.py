@@ -26,10 +26,14 @@ def test_backend_keeps_the_engine_cache_writer():
         from xattention.integrations.vllm.cpu import XAttentionCPUBackend as backend
         from xattention.integrations.vllm.cpu import XAttentionCPUImpl as impl
     else:
+        from vllm.v1.attention.backend import AttentionCGSupport
         from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl as engine_impl
 
         from xattention.integrations.vllm.cuda import XAttentionCUDABackend as backend
         from xattention.integrations.vllm.cuda import XAttentionTritonImpl as impl
+        # A fully captured mixed batch would replay without the sparse plan: uniform ones only.
+        support = backend.get_builder_cls().get_cudagraph_support(None, None)
+        assert support == AttentionCGSupport.UNIFORM_BATCH
     assert impl.do_kv_cache_update is engine_impl.do_kv_cache_update
     assert backend.get_name() == "CUSTOM"
     assert backend.get_impl_cls() is impl

@@ -10,6 +10,7 @@ runs ``tests/vllm`` on the lent GPU with vLLM 0.25.
 
 from __future__ import annotations
 
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
     TritonAttentionImpl,
@@ -20,7 +21,14 @@ from .backend import XAttentionBackendMixin, XAttentionBuilderMixin, XAttentionI
 
 
 class XAttentionTritonMetadataBuilder(XAttentionBuilderMixin, TritonAttentionMetadataBuilder):
-    pass
+    # vLLM's Triton builder declares full CUDA graphs for every batch (ALWAYS), but a replayed
+    # graph skips the host code that plans and runs a sparse row (build / forward), so a prefill
+    # inside a fully captured mixed batch would silently run dense. Full graphs of uniform
+    # batches (decodes, speculative decodes: a few tokens per request, under any
+    # XATTENTION_MIN_PREFILL_LEN worth setting) carry no sparse row; a mixed batch runs with
+    # attention outside the graph (vLLM's default FULL_AND_PIECEWISE, which this keeps; a
+    # FULL setting is lowered by vLLM, with its own warning).
+    _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
 
 
 def _triton_cache_layout() -> str:
