@@ -26,8 +26,8 @@ class XAttentionTritonMetadataBuilder(XAttentionBuilderMixin, TritonAttentionMet
     # inside a fully captured mixed batch would silently run dense. Full graphs of uniform
     # batches (decodes, speculative decodes: a few tokens per request, under any
     # XATTENTION_MIN_PREFILL_LEN worth setting) carry no sparse row; a mixed batch runs with
-    # attention outside the graph (vLLM's default FULL_AND_PIECEWISE, which this keeps; a
-    # FULL setting is lowered by vLLM, with its own warning).
+    # attention outside the graph (vLLM's default FULL_AND_PIECEWISE, which this keeps; vLLM
+    # lowers a FULL setting to it or to FULL_DECODE_ONLY, with its own warning).
     _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
 
 
