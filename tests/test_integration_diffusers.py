@@ -376,6 +376,17 @@ def test_bad_arguments_are_named(wan, kwargs, error, match):
     assert not xd.is_enabled(model)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(stride=3), r"stride \(3\) must divide block_size \(128\)"),
+    (dict(block_size=100), r"stride \(8\) must divide block_size \(100\)"),
+])
+def test_block_params_checked_against_the_defaults(wan, kwargs, match):
+    model, _ = wan
+    with pytest.raises(ValueError, match=match):
+        xd.enable(model, **kwargs)
+    assert not xd.is_enabled(model)
+
+
 def test_unsupported_models_are_refused_with_the_supported_list(wan):
     with pytest.raises(TypeError, match="WanTransformer3DModel.*CogVideoXTransformer3DModel"):
         xd.enable(torch.nn.Linear(2, 2))

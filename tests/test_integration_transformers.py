@@ -244,6 +244,11 @@ def test_threshold_tables_dense_layers_and_min_prefill_len(smollm2):
         xt.enable(model, dense_layers=[n_layers])
     with pytest.raises(ValueError, match="divide"):
         xt.enable(model, stride=24, block_size=64)
+    # Against the other's default too, at enable() and not in the first forward pass.
+    with pytest.raises(ValueError, match=r"stride \(3\) must divide block_size \(128\)"):
+        xt.enable(model, stride=3)
+    with pytest.raises(ValueError, match=r"stride \(8\) must divide block_size \(100\)"):
+        xt.enable(model, block_size=100)
 
 
 @needs_smollm2

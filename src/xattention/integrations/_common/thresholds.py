@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..._validation import check_threshold_value
+from ..._validation import check_block_params, check_threshold_value
 from ...profile import ThresholdProfile
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_STRIDE", "LayerThreshold", "ThresholdTable",
@@ -142,6 +142,9 @@ def resolve_thresholds(threshold: Any, thresholds: Any, *, stride: int | None,
         thresholds = profile.thresholds
     stride = DEFAULT_STRIDE if stride is None else stride
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    # The pair, once the defaults are in: enable(stride=3) meets block_size's default here,
+    # not in the first forward pass.
+    stride, block_size = check_block_params(stride, block_size)
     return threshold_table(default, thresholds, num_layers, num_heads), stride, block_size
 
 

@@ -140,12 +140,19 @@ def _sub_batch(common: Any, ids: list[int], starts: list[int], q_lens: list[int]
         max_seq_len=max(seq_lens[i] for i in ids),
         block_table_tensor=common.block_table_tensor[index],
         slot_mapping=common.slot_mapping[tokens],
-        logits_indices_padded=None, num_logits_indices=None, max_logits_per_req=None,
     )
     fields = {f.name for f in dataclasses.fields(common)}
+    # The logits fields differ between vLLM versions (0.25 has no max_logits_per_req):
+    # only the ones this version has are reset.
+    for name in ("logits_indices_padded", "num_logits_indices", "max_logits_per_req"):
+        if name in fields:
+            changes[name] = None
+    # Per-request host copies, sliced to the sub-batch where set (vLLM 0.25's deprecated
+    # _seq_lens_cpu / _num_computed_tokens_cpu caches would otherwise describe the whole batch).
     for name, per in (("seq_lens_cpu_upper_bound", "req_cpu"), ("is_prefilling", "req"),
                       ("positions", "token"), ("req_idx", "req_np"),
-                      ("replayssm_decode_base_cpu", "req_cpu")):
+                      ("replayssm_decode_base_cpu", "req_cpu"), ("_seq_lens_cpu", "req_cpu"),
+                      ("_num_computed_tokens_cpu", "req_cpu")):
         value = getattr(common, name, None)
         if name not in fields or value is None:
             continue
