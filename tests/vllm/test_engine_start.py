@@ -64,3 +64,13 @@ def test_backend_declares_what_it_serves():
         attn_type=AttentionType.ENCODER_ONLY)
     assert any("kv_cache_dtype" in r for r in reasons)
     assert any("attention type" in r for r in reasons)
+
+
+def test_unquantised_cache_dtypes_are_served():
+    """The dtypes the class declares (engine start accepts them) are the ones a layer serves
+    sparse; a float16/bfloat16 cache is read as it is (cast to the query's dtype if it differs)."""
+    from xattention.integrations.vllm.backend import XAttentionBackendMixin, _unsupported_reason
+
+    for dtype in XAttentionBackendMixin.supported_kv_cache_dtypes:
+        assert _unsupported_reason({"kv_cache_dtype": dtype}) is None
+    assert "kv_cache_dtype='fp8'" in _unsupported_reason({"kv_cache_dtype": "fp8"})

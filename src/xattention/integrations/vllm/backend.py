@@ -95,6 +95,13 @@ class XAttentionBuilderMixin:
         settings = current_settings()
         if isinstance(common.causal, torch.Tensor) or not common.causal:
             return None
+        if not type(self).__module__.startswith("xattention."):
+            # A vLLM layer subclassed this builder to reshape the batch before it (chunked
+            # local attention's virtual batches, static sinks' extra pages): those layers are
+            # local or carry keys the host lengths do not count, so they stay dense.
+            warn_once(f"xattention: layers whose metadata builder vLLM wraps "
+                      f"({type(self).__name__}) run dense attention")
+            return None
         starts = common.query_start_loc_cpu[: common.num_reqs + 1].tolist()
         q_lens = [b - a for a, b in itertools.pairwise(starts)]
         sparse_ids = [i for i, n in enumerate(q_lens) if n >= settings.min_prefill_len]
@@ -110,6 +117,10 @@ class XAttentionBuilderMixin:
         host = getattr(common, "seq_lens_cpu_upper_bound", None)
         if host is None:
             host = common.seq_lens.to("cpu")  # older engines: one device read per step
+        if host.shape[0] < common.num_reqs:
+            warn_once(f"xattention: a batch of {common.num_reqs} requests came with "
+                      f"{host.shape[0]} host sequence lengths; such batches run dense")
+            return None
         seq_lens = host[: common.num_reqs].tolist()
         rows = [SparseRow(i, starts[i], starts[i + 1], int(seq_lens[i])) for i in sparse_ids]
         plan = XAttentionPlan(sparse=rows, block_table=common.block_table_tensor)
@@ -149,19 +160,21 @@ def _sub_batch(common: Any, ids: list[int], starts: list[int], q_lens: list[int]
             changes[name] = None
     # Per-request host copies, sliced to the sub-batch where set (vLLM 0.25's deprecated
     # _seq_lens_cpu / _num_computed_tokens_cpu caches would otherwise describe the whole batch).
-    for name, per in (("seq_lens_cpu_upper_bound", "req_cpu"), ("is_prefilling", "req"),
-                      ("positions", "token"), ("req_idx", "req_np"),
-                      ("replayssm_decode_base_cpu", "req_cpu"), ("_seq_lens_cpu", "req_cpu"),
-                      ("_num_computed_tokens_cpu", "req_cpu")):
+    # Indexed where each one lives: is_prefilling is a host tensor in vLLM 0.25's V1 runner,
+    # and a host tensor indexed by device indices raises.
+    for name, per in (("seq_lens_cpu_upper_bound", "req"), ("is_prefilling", "req"),
+                      ("positions", "token"), ("req_idx", "req"),
+                      ("replayssm_decode_base_cpu", "req"), ("_seq_lens_cpu", "req"),
+                      ("_num_computed_tokens_cpu", "req")):
         value = getattr(common, name, None)
         if name not in fields or value is None:
             continue
-        if per == "token":
-            changes[name] = value[tokens]
-        elif per == "req":
-            changes[name] = value[index]
-        else:
+        if not isinstance(value, torch.Tensor):  # numpy (req_idx)
             changes[name] = value[ids]
+        elif per == "token":
+            changes[name] = value[tokens if value.device == device else tokens_cpu]
+        else:
+            changes[name] = value[index if value.device == device else torch.tensor(ids)]
     for cache in ("_num_computed_tokens_cache", "_token_to_req_indices_cache"):
         if cache in fields:
             changes[cache] = None
@@ -271,10 +284,15 @@ class XAttentionImplMixin:
                                    output_scale, output_block_scale)
         if self._xa_layer is None:
             self._xa_setup(layer)
-        if self._xa_dense or output_scale is not None or output_block_scale is not None:
+        quantised_out = output_scale is not None or output_block_scale is not None
+        if quantised_out:
+            warn_once("xattention: attention with a quantised output (output_scale: vLLM's "
+                      "fused attention + FP8 quantisation) runs dense; XAttention writes an "
+                      "unquantised output")
+        if self._xa_dense or quantised_out:
             out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                   output_scale, output_block_scale)
-            if self._xa_reason is None:  # a dense_layers entry: counted, as in transformers
+            if self._xa_reason is None and not quantised_out:  # a dense_layers entry: counted
                 for row in plan.sparse:
                     stats.record(self._xa_layer, None, row.end - row.start, row.seq_len,
                                  self.num_heads, self._xa_settings.block_size)
@@ -295,6 +313,15 @@ class XAttentionImplMixin:
     def _xa_sparse_row(self, row: SparseRow, block_table: torch.Tensor, query: torch.Tensor,
                        kv_cache: torch.Tensor, output: torch.Tensor) -> None:
         settings = self._xa_settings
+        page = kv_cache.shape[2]  # page_size in every layout (paged.py)
+        if -(-row.seq_len // page) > block_table.shape[1]:
+            # vLLM's V2 compile warm-up plans dummy requests longer than a block-table row
+            # (seq_len == q_len up to max_num_batched_tokens); a real request always fits.
+            # Their output is never read: skip, rather than fail the engine's start.
+            warn_once(f"xattention: skipped a {row.seq_len}-token row longer than its block "
+                      f"table ({block_table.shape[1]} pages of {page}): an engine warm-up run")
+            output[row.start:row.end] = 0
+            return
         q = query[row.start:row.end].transpose(0, 1).unsqueeze(0).contiguous()
         if settings.kv_read == "paged" and kv_cache.dtype == q.dtype:
             # In place: the kernels read the pages (xattention gathers where they cannot).
@@ -332,7 +359,7 @@ def _unsupported_reason(named: dict[str, Any]) -> str | None:
         return "logit soft-capping"
     if named.get("sinks") is not None:
         return "attention sinks"
-    if named.get("kv_cache_dtype", "auto") != "auto":
+    if named.get("kv_cache_dtype", "auto") not in XAttentionBackendMixin.supported_kv_cache_dtypes:
         return f"kv_cache_dtype={named['kv_cache_dtype']!r} (XAttention reads an unquantised cache)"
     return None
 
