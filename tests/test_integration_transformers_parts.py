@@ -128,6 +128,11 @@ def test_capture_stops_early_and_leaves_an_enabled_model_as_it_was(llama, gen):
     with pytest.raises(ValueError, match="layers"):
         with xt.capture(llama, layers=[7]):
             pass
+    # Layer indices as everywhere else: negative from the end; a bool or a float is no index.
+    assert sorted(xt.capture_attention_inputs(llama, ids, layers=[-1])) == [2]
+    for bad in ([True], [1.7]):
+        with pytest.raises(TypeError, match="layers must hold ints"):
+            xt.capture_attention_inputs(llama, ids, layers=bad)
     assert llama.config._attn_implementation == "xattention"
 
 

@@ -106,7 +106,7 @@ def test_wrong_rank_v(f):
 
 
 @pytest.mark.parametrize("f", QK_FUNCS, ids=FIDS)
-@pytest.mark.parametrize("hq,hkv", [(3, 2), (4, 3), (2, 4)])
+@pytest.mark.parametrize("hq,hkv", [(3, 2), (4, 3), (2, 4), (0, 2)])
 def test_heads_do_not_divide(f, hq, hkv):
     q, k, v = qkv(hq=hq, hkv=hkv)
     with names("q", "k", "Hq", "Hkv", "heads", "num_heads"):
@@ -421,3 +421,28 @@ def test_no_layout_hint_for_bhld_input():
     with pytest.raises(ValueError) as info:
         call_xa(q, k, v)
     assert "[B, L, H, D]" not in str(info.value)
+
+
+def test_merge_attention_bad_parts_and_options_are_named():
+    from xattention import merge_attention
+
+    out, lse = torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match=r"parts\[1\].*first part's shape"):
+        merge_attention([(out, lse), (out[..., :1], lse)])  # 1 would broadcast to 8
+    with pytest.raises(ValueError, match=r"parts\[1\].*first part's shape"):
+        merge_attention([(out, lse), (out[..., :4], lse)])
+    with pytest.raises(ValueError, match=r"parts\[1\] is on meta"):
+        merge_attention([(out, lse), (out.to("meta"), lse.to("meta"))])
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        merge_attention([(out, lse)], dtype="float16")
+    with pytest.raises(TypeError, match="return_lse"):
+        merge_attention([(out, lse)], return_lse="no")
+
+
+@pytest.mark.parametrize("option", ["causal", "per_row"])
+def test_block_attention_mass_flags_must_be_bools(option):
+    from xattention.stats import block_attention_mass
+
+    q, k, _ = qkv()
+    with names(option):
+        block_attention_mass(q, k, block_size=BS, **{option: "no"})

@@ -114,7 +114,7 @@ def check_qkv(q: object, k: object, v: object | None = None, layout: str = "bhsd
         raise ValueError(f"k has head_dim {dk} but q has {d}; they must match")
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if hkv == 0 or hq % hkv != 0:
+    if hq == 0 or hkv == 0 or hq % hkv != 0:
         raise ValueError(f"{hint}q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA")
     if lq == 0 or lk == 0 or d == 0:
         raise ValueError(f"q and k need non-empty lengths and head_dim, got q {tuple(q.shape)}, "

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import check_bool
+
 
 def merge_attention(
     parts: list[tuple[torch.Tensor, torch.Tensor]],
@@ -27,7 +29,7 @@ def merge_attention(
     """Combine ``[(out [..., L, D], lse [..., L]), ...]`` over disjoint key sets.
 
     Args:
-        parts: at least one ``(out, lse)`` pair, all with the same leading shape.
+        parts: at least one ``(out, lse)`` pair, every ``out`` of one shape and on one device.
         dtype: output dtype (default: the first part's ``out`` dtype). Work is in float32
             (float64 when any part is float64).
         return_lse: also return the merged log-sum-exp (float32, or float64 as above).
@@ -50,10 +52,18 @@ def merge_attention(
         if not (isinstance(part, (list, tuple)) and len(part) == 2
                 and all(isinstance(t, torch.Tensor) for t in part)):
             raise TypeError(f"parts[{i}] must be an (out, lse) pair of tensors")
-        if part[0].shape[:-1] != part[1].shape or part[1].shape != parts[0][1].shape:
+        if part[0].shape[:-1] != part[1].shape or part[0].shape != parts[0][0].shape:
             raise ValueError(f"parts[{i}] has out {list(part[0].shape)} and lse "
-                             f"{list(part[1].shape)}; every lse must be out's shape minus the "
-                             f"last dim, and all alike ({list(parts[0][1].shape)})")
+                             f"{list(part[1].shape)}; every out must have the first part's "
+                             f"shape {list(parts[0][0].shape)} and its lse that shape minus "
+                             f"the last dim")
+        if part[0].device != parts[0][0].device or part[1].device != parts[0][0].device:
+            raise ValueError(f"parts[{i}] is on {part[0].device} / {part[1].device}; every "
+                             f"part must be on {parts[0][0].device}, as the first")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__} "
+                        f"{dtype!r}")
+    return_lse = check_bool("return_lse", return_lse)
     dtype = parts[0][0].dtype if dtype is None else dtype
     wide = any(o.dtype == torch.float64 or lse.dtype == torch.float64 for o, lse in parts)
     work = torch.float64 if wide else torch.float32

@@ -96,6 +96,7 @@ def block_attention_mass(
     shape = check_qkv(q, k)
     block_size = check_block_size(block_size)
     scale = check_scale(scale, shape.head_dim)
+    causal, per_row = check_bool("causal", causal), check_bool("per_row", per_row)
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     nqb, nkb = num_blocks(lq, block_size), num_blocks(lk, block_size)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._common.layers import layer_set
 from .model_info import attention_layers
 from .registration import CAPTURE_NAME, implementation, register, set_implementation
 
@@ -56,7 +57,9 @@ def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 def _wanted_layers(model: torch.nn.Module, layers: Iterable[int] | None
                    ) -> tuple[dict[int, list[torch.nn.Module]], list[int]]:
     all_layers = attention_layers(model)
-    wanted = sorted(all_layers) if layers is None else sorted({int(i) for i in layers})
+    # Indices as everywhere else (ints, negative from the end; a bool or 1.7 is no layer index).
+    count = max(all_layers, default=-1) + 1
+    wanted = sorted(all_layers) if layers is None else sorted(layer_set(layers, count, "layers"))
     missing = [i for i in wanted if i not in all_layers]
     if missing:
         raise ValueError(f"layers {missing} are not attention layers of this model "
