@@ -387,6 +387,14 @@ def test_block_params_checked_against_the_defaults(wan, kwargs, match):
     assert not xd.is_enabled(model)
 
 
+def test_every_layer_dense_is_said_once(wan):
+    model, _ = wan
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="nothing will be sparsified"):
+        xd.enable(model, dense_layers=range(len(model.blocks)), **OPTS)
+    xd.disable(model)
+
+
 def test_unsupported_models_are_refused_with_the_supported_list(wan):
     with pytest.raises(TypeError, match="WanTransformer3DModel.*CogVideoXTransformer3DModel"):
         xd.enable(torch.nn.Linear(2, 2))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..._backend import warn_once
 from ..._validation import check_backend, check_bool, check_estimate_dtype
 from ...selection import DEFAULT_THRESHOLD
 from .._common.layers import layer_set
@@ -167,10 +168,13 @@ def enable(
     table, stride, block_size = resolve_thresholds(
         threshold, thresholds, stride=stride, block_size=block_size, num_layers=num_layers,
         num_heads=heads.pop(), model=_Structure(structure))
+    dense = layer_set(dense_layers, num_layers, "dense_layers", unit="transformer")
+    if len(dense) == num_layers:
+        warn_once("xattention: dense_layers lists every attention layer of this transformer; "
+                  "nothing will be sparsified")
     state = XAttentionVideoState(spec=spec, stride=stride, block_size=block_size, backend=backend,
                   warmup_steps=warmup_steps, thresholds=ThresholdTable(table),
-                  dense_layers=layer_set(dense_layers, num_layers, "dense_layers",
-                                         unit="transformer"),
+                  dense_layers=dense,
                   record_stats=record_stats, estimate_dtype=estimate_dtype,
                   min_prefill_len=check_min_prefill_len(min_prefill_len, block_size))
     for i, (module, proc) in enumerate(zip(modules, processors, strict=True)):

@@ -70,6 +70,9 @@ def _sparse(state: XAttentionState, stats: AttentionStats, layer: int,
     if state.cuda_graphs and query.is_cuda:
         # The graph's output buffer is overwritten by the layer's next call: hand out a copy.
         return _graph_for(state, layer, threshold, scaling, causal)(query, key, value).clone()
+    if state.cuda_graphs:
+        warn_once(f"xattention: cuda_graphs=True captures CUDA tensors only; this model runs "
+                  f"on {query.device.type}, eagerly (statistics stay off as enable() set them)")
     out, mask = xattention(query, key, value, threshold=threshold, stride=state.stride,
                            block_size=state.block_size, causal=causal, scale=scaling,
                            backend=state.backend, return_mask=True,
