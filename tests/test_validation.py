@@ -446,3 +446,34 @@ def test_block_attention_mass_flags_must_be_bools(option):
     q, k, _ = qkv()
     with names(option):
         block_attention_mass(q, k, block_size=BS, **{option: "no"})
+
+
+@pytest.mark.parametrize(("kwargs", "error", "name"), [
+    (dict(threshold=-1.0), ValueError, "threshold"),
+    (dict(threshold="0.9"), TypeError, "threshold"),
+    (dict(stride=3), ValueError, "stride"),
+    (dict(block_size=0), ValueError, "block_size"),
+    (dict(causal="yes"), TypeError, "causal"),
+    (dict(scale=0.0), ValueError, "scale"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(min_sparse_len=-1), ValueError, "min_sparse_len"),
+    (dict(estimate_dtype="fp8"), TypeError, "estimate_dtype"),
+    (dict(layout="blhd"), ValueError, "layout"),
+    (dict(warmup=True), TypeError, "warmup"),
+    (dict(warmup=0), ValueError, "warmup"),
+    (dict(max_graphs=2.0), TypeError, "max_graphs"),
+    (dict(max_graphs=0), ValueError, "max_graphs"),
+])
+def test_graph_options_are_checked_where_the_object_is_made(kwargs, error, name):
+    from xattention import XAttentionGraph
+
+    with pytest.raises(error, match=rf"^{name}"):
+        XAttentionGraph(**kwargs)
+
+
+def test_graph_on_the_cpu_is_the_eager_call():
+    from xattention import XAttentionGraph
+
+    q, k, v = qkv()
+    graph = XAttentionGraph(threshold=0.9, stride=S, block_size=BS, backend="torch")
+    torch.testing.assert_close(graph(q, k, v), call_xa(q, k, v, threshold=0.9), rtol=0, atol=0)

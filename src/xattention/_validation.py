@@ -259,6 +259,16 @@ def check_scale(scale: object, head_dim: int) -> float:
     return scale
 
 
+def check_min_sparse_len(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"min_sparse_len must be None or an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"min_sparse_len must be >= 0, got {value}")
+    return value
+
+
 def check_estimate_dtype(value: object) -> torch.dtype | None:
     """None (the input dtype) or ``torch.float8_e4m3fn`` (``xattention.fp8``)."""
     if value is None:

@@ -23,6 +23,7 @@ from ._validation import (
     check_block_params,
     check_bool,
     check_estimate_dtype,
+    check_min_sparse_len,
     check_paged_qkv,
     check_qkv,
     check_scale,
@@ -153,7 +154,7 @@ def check_call(q, k, v, *, threshold=DEFAULT_THRESHOLD, stride=8, block_size=128
         causal=check_bool("causal", causal),
         scale=check_scale(scale, shape.head_dim),
         backend=check_backend(backend),
-        min_sparse_len=_check_min_sparse_len(min_sparse_len),
+        min_sparse_len=check_min_sparse_len(min_sparse_len),
         estimate_dtype=check_estimate_dtype(estimate_dtype),
         return_mask=check_bool("return_mask", return_mask),
         return_lse=check_bool("return_lse", return_lse),
@@ -237,13 +238,3 @@ def _results(spec: CallSpec, out, lse, plan: SparsePlan):
     if spec.return_plan:
         extra.append(plan)
     return (out, *extra) if extra else out
-
-
-def _check_min_sparse_len(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"min_sparse_len must be None or an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"min_sparse_len must be >= 0, got {value}")
-    return value

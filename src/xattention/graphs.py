@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._validation import from_bhsd
+from ._validation import (
+    check_backend,
+    check_block_params,
+    check_bool,
+    check_estimate_dtype,
+    check_layout,
+    check_min_sparse_len,
+    check_scale,
+    check_threshold_value,
+    from_bhsd,
+)
 from .api import CallSpec, check_call, run_call
 from .selection import DEFAULT_THRESHOLD
 
@@ -63,15 +73,28 @@ class XAttentionGraph:
                  backend: str = "auto", min_sparse_len: int | None = None,
                  estimate_dtype: torch.dtype | None = None, layout: str = "bhsd",
                  warmup: int = 2, max_graphs: int = 16) -> None:
+        # What needs no input is checked here, where the object is made (its first call may be
+        # far away, inside a model); a threshold tensor's length and the shapes, per shape.
+        if not isinstance(threshold, torch.Tensor):
+            check_threshold_value("threshold", threshold)
+        check_block_params(stride, block_size)
+        check_bool("causal", causal)
+        if scale is not None:
+            check_scale(scale, 1)
+        check_backend(backend)
+        check_min_sparse_len(min_sparse_len)
+        check_estimate_dtype(estimate_dtype)
+        check_layout(layout)
         self._options = dict(threshold=threshold, stride=stride, block_size=block_size,
                              causal=causal, scale=scale, backend=backend,
                              min_sparse_len=min_sparse_len, estimate_dtype=estimate_dtype,
                              layout=layout)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an int >= 1 (the first call autotunes), got "
-                             f"{warmup!r}")
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+        for name, value, what in (("warmup", warmup, "an int >= 1 (the first call autotunes)"),
+                                  ("max_graphs", max_graphs, "a positive int")):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be {what}, got {value!r}")
         self._warmup = warmup
         self._max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
