@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -45,7 +46,8 @@ def _interpreter_version_error() -> str | None:
     return None
 
 
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
+               ) -> torch.Tensor:
     """Uninitialised kernel output; NaN-filled when ``XATTENTION_POISON_OUTPUTS=1`` (tests), so that
     an element a kernel forgot to write cannot pass as a plausible value."""
     if os.environ.get("XATTENTION_POISON_OUTPUTS", "0") not in ("", "0"):
@@ -64,7 +66,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotune_timer():
+def autotune_timer() -> Callable[..., list[float]] | None:
     """``do_bench`` for ``triton.autotune``: None (Triton's timer) on the GPU; under the interpreter
     a timer that runs nothing. Timing interpreted kernels means nothing, and Triton before 3.8
     benchmarks even a single pruned config through the GPU driver, which the interpreter lacks

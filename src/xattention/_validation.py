@@ -10,8 +10,13 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: both modules import this one
+    from .paged import PagedKV
+    from .plan import SparsePlan
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch")
@@ -79,7 +84,7 @@ def as_bhsd(layout: object, *tensors: object) -> tuple:
     return (*views, True)
 
 
-def from_bhsd(result, bshd: bool):
+def from_bhsd(result: torch.Tensor | tuple, bshd: bool) -> torch.Tensor | tuple:
     """A result (tensor, or tuple of tensors with the head axis at 1) back in the caller's
     layout; masks and plans (block grids) stay as they are."""
     if not bshd:
@@ -131,7 +136,7 @@ def check_qkv(q: object, k: object, v: object | None = None, layout: str = "bhsd
     return AttentionShape(b, hq, hkv, lq, lk, d, q.device)
 
 
-def check_paged_qkv(q: object, kv, v: object) -> AttentionShape:
+def check_paged_qkv(q: object, kv: PagedKV, v: object) -> AttentionShape:
     """Validate q ``[B,Hq,Lq,D]`` against a :class:`~xattention.paged.PagedKV` passed as ``k``
     (which checked itself when built) and return the sizes."""
     q = _check_tensor("q", q)
@@ -320,7 +325,8 @@ def check_block_mask(mask: object, shape: AttentionShape, block_size: int) -> to
     return mask.expand(*expected)
 
 
-def check_plan(plan, shape: AttentionShape, block_size: object = None, causal: object = None):
+def check_plan(plan: SparsePlan, shape: AttentionShape, block_size: object = None,
+               causal: object = None) -> SparsePlan:
     """A :class:`~xattention.plan.SparsePlan` for these inputs, returned ``[B, Hq, ...]``.
 
     ``block_size`` and ``causal``, when given, must match the plan's.

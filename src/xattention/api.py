@@ -78,7 +78,7 @@ def xattention(
     return_lse: bool = False,
     layout: str = "bhsd",
     return_plan: bool = False,
-):
+) -> torch.Tensor | tuple:
     """XAttention: attention over the blocks that antidiagonal scoring says matter.
 
     Args:
@@ -135,10 +135,12 @@ def xattention(
     return from_bhsd(run_call(q, k, v, spec), spec.bshd)
 
 
-def check_call(q, k, v, *, threshold=DEFAULT_THRESHOLD, stride=8, block_size=128, causal=True,
-               scale=None, backend="auto", return_mask=False, min_sparse_len=None,
-               estimate_dtype=None, return_lse=False, layout="bhsd", return_plan=False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, CallSpec]:
+def check_call(q: object, k: object, v: object, *, threshold: object = DEFAULT_THRESHOLD,
+               stride: object = 8, block_size: object = 128, causal: object = True,
+               scale: object = None, backend: object = "auto", return_mask: object = False,
+               min_sparse_len: object = None, estimate_dtype: object = None,
+               return_lse: object = False, layout: object = "bhsd", return_plan: object = False
+               ) -> tuple[torch.Tensor, torch.Tensor | PagedKV, torch.Tensor | None, CallSpec]:
     """Validate an ``xattention()`` call once: ``(q, k, v as [B, H, L, D] views, spec)``."""
     q, k, v, bshd = as_bhsd(layout, q, k, v)
     if isinstance(k, PagedKV):
@@ -164,8 +166,8 @@ def check_call(q, k, v, *, threshold=DEFAULT_THRESHOLD, stride=8, block_size=128
     return q, k, v, spec
 
 
-def run_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: CallSpec,
-             out: torch.Tensor | None = None):
+def run_call(q: torch.Tensor, k: torch.Tensor | PagedKV, v: torch.Tensor | None, spec: CallSpec,
+             out: torch.Tensor | None = None) -> torch.Tensor | tuple:
     """Run a validated call on ``[B, H, L, D]`` tensors (no host sync, nothing sized by data).
 
     ``out``: a ``[B, Hq, Lq, D]`` buffer for the output (a captured graph's), else a new one.
