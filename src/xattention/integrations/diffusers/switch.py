@@ -104,7 +104,8 @@ def enable(
         transformer: ``pipe.transformer`` of a Wan 2.x, HunyuanVideo, CogVideoX (or Flux)
             pipeline: a ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
             ``CogVideoXTransformer3DModel`` or ``FluxTransformer2DModel``.
-        threshold: cumulative-score threshold (any real number) of every layer and head without
+        threshold: cumulative-score threshold in (0, inf) (any real type) of every layer and head
+            without
             an entry in ``thresholds``; ``>= 1`` keeps every block (dense result through the
             sparse path).
         thresholds: a :class:`xattention.profile.ThresholdProfile` or the path of its JSON file,

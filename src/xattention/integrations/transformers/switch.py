@@ -72,7 +72,8 @@ def enable(
             (Llama, Qwen, Mistral, Gemma 3, BERT-like encoders, Qwen2-VL / Qwen2.5-VL, ...).
             On a multimodal model only the language model is switched: the vision encoder's
             attention and the multimodal rope run as before.
-        threshold: cumulative-score threshold (any real number) of every layer and head without
+        threshold: cumulative-score threshold in (0, inf) (any real type) of every layer and head
+            without
             an entry in ``thresholds``; ``>= 1`` keeps every block (dense result, sparse code
             path).
         thresholds: per-layer or per-(layer, head) table: a
