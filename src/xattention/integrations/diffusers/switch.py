@@ -105,8 +105,7 @@ def enable(
             pipeline: a ``WanTransformer3DModel``, ``HunyuanVideoTransformer3DModel``,
             ``CogVideoXTransformer3DModel`` or ``FluxTransformer2DModel``.
         threshold: cumulative-score threshold in (0, inf) (any real type) of every layer and head
-            without
-            an entry in ``thresholds``; ``>= 1`` keeps every block (dense result through the
+            without an entry in ``thresholds``; ``>= 1`` keeps every block (dense result through the
             sparse path).
         thresholds: a :class:`xattention.profile.ThresholdProfile` or the path of its JSON file,
             per layer ``[num_layers]``, per layer and head ``[num_layers][heads]`` (list or

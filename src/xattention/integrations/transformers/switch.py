@@ -73,9 +73,8 @@ def enable(
             On a multimodal model only the language model is switched: the vision encoder's
             attention and the multimodal rope run as before.
         threshold: cumulative-score threshold in (0, inf) (any real type) of every layer and head
-            without
-            an entry in ``thresholds``; ``>= 1`` keeps every block (dense result, sparse code
-            path).
+            without an entry in ``thresholds``; ``>= 1`` keeps every block (dense result, sparse
+            code path).
         thresholds: per-layer or per-(layer, head) table: a
             :class:`xattention.profile.ThresholdProfile` or the path of its JSON file, a nested
             list / tensor ``[num_layers][num_q_heads]``, a list / tensor ``[num_layers]`` or a
