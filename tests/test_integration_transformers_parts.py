@@ -183,3 +183,22 @@ def test_import_graph_points_one_way():
     from xattention.calibration import profile as old_home
 
     assert old_home.ThresholdProfile is ThresholdProfile  # old imports keep working
+
+
+@pytest.mark.parametrize("budget", [1, 5 * 70, 1 << 24])
+def test_dense_path_without_a_mask_is_lower_right_causal_in_bounded_chunks(llama, budget,
+                                                                           monkeypatch, gen):
+    """A prefill chunk after cached tokens (Lq < Lk) with no mask from transformers: the dense
+    path builds the lower-right causal mask in chunks of query rows within the budget."""
+    from reference import ref_dense_attention
+
+    from xattention.integrations.transformers.attention import dense_attention
+    from xattention.kernels import dense
+
+    monkeypatch.setattr(dense, "MASK_ELEMENTS", budget)
+    module = llama.model.layers[0].self_attn  # 4 query heads on 2 KV heads
+    q = torch.randn(1, 4, 23, 16, generator=gen)
+    k, v = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(2))
+    out, _ = dense_attention(module, q, k, v, None, 0.0, 0.25, causal=True)
+    want = ref_dense_attention(q.double(), k.double(), v.double(), causal=True, scale=0.25)
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)

@@ -278,3 +278,31 @@ def test_xattention_is_deterministic(backend, make_qkv):
     b, mb = _xa(q, k, v, backend, S, Bs, threshold=0.9, return_mask=True)
     assert torch.equal(ma, mb)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("budget", [1, 7 * 50, 1 << 24])  # one row per call, 7 rows, one call
+@pytest.mark.parametrize("lq, lk", [(37, 50), (1, 50), (50, 50)])
+def test_dense_branch_bounds_its_causal_mask(budget, lq, lk, monkeypatch, gen):
+    """Short inputs run dense (SDPA); with Lq < Lk the lower-right causal mask goes in chunks
+    of query rows whose masks stay within the budget, and the result is the float64 oracle's."""
+    from xattention.kernels import dense
+
+    monkeypatch.setattr(dense, "MASK_ELEMENTS", budget)
+    sizes = []
+    real_mask = dense.lower_right_mask
+
+    def recording_mask(*args):
+        m = real_mask(*args)
+        sizes.append(m.numel())
+        return m
+
+    monkeypatch.setattr(dense, "lower_right_mask", recording_mask)
+    q = torch.randn(2, 4, lq, 16, generator=gen)
+    k, v = (torch.randn(2, 2, lk, 16, generator=gen) for _ in range(2))
+    k[:, :, 3] *= 8  # a heavy key
+    got = xattention(q, k, v, min_sparse_len=10**9, backend="torch")
+    want = ref_dense_attention(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert all(n <= max(budget, lk) for n in sizes)  # one row at the least
+    if lq < lk:
+        assert len(sizes) == -(-lq // max(1, budget // lk))

@@ -24,16 +24,38 @@ from ..block_layout import BlockLayout
 # SDPA grew enable_gqa in torch 2.5.
 _SDPA_TAKES_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
+# Elements of the explicit causal mask one SDPA call takes when Lq < Lk (16 MiB of bool): query
+# rows go in chunks, so the mask never holds Lq x Lk at once whatever the lengths.
+MASK_ELEMENTS = 1 << 24
+
+
+def lower_right_row_chunks(q_len: int, k_len: int) -> list[tuple[int, int]]:
+    """``(r0, r1)`` chunks of query rows whose masks (:func:`lower_right_mask`) stay within
+    ``MASK_ELEMENTS`` (one row at the least): one chunk wherever ``Lq * Lk`` fits."""
+    rows = max(1, MASK_ELEMENTS // k_len)
+    return [(r0, min(q_len, r0 + rows)) for r0 in range(0, q_len, rows)]
+
+
+def lower_right_mask(r0: int, r1: int, q_len: int, k_len: int, device: torch.device
+                     ) -> torch.Tensor:
+    """Bool ``[r1 - r0, k_len - q_len + r1]``: query row ``r`` (the last ``q_len`` positions of
+    the keys) sees keys ``0 .. k_len - q_len + r``; the keys after the chunk's last row's are
+    cut off, not masked."""
+    offset = k_len - q_len
+    rows = torch.arange(r0, r1, device=device)[:, None] + offset
+    return torch.arange(offset + r1, device=device)[None, :] <= rows
+
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                     scale: float) -> torch.Tensor:
     """Exact attention through SDPA (cuDNN first on CUDA), queries aligned to the end of the keys.
 
     SDPA's ``is_causal`` aligns queries to the start of the keys, so ``Lq < Lk`` passes the
-    bottom-right causal mask explicitly. GQA goes to SDPA's ``enable_gqa`` (torch >= 2.5; cuDNN
-    took it on the H200 with torch 2.11 at the same device time, two copies fewer); older torch
-    repeats K/V through expand + reshape, since ``repeat_interleave`` waits for the GPU to size
-    its output.
+    bottom-right causal mask explicitly, in chunks of query rows (``lower_right_row_chunks``)
+    so that it never holds ``Lq x Lk`` at once. GQA goes to SDPA's ``enable_gqa`` (torch >= 2.5;
+    cuDNN took it on the H200 with torch 2.11 at the same device time, two copies fewer); older
+    torch repeats K/V through expand + reshape, since ``repeat_interleave`` waits for the GPU to
+    size its output.
     """
     b, hkv, lk_, d = k.shape
     group = q.shape[1] // hkv
@@ -44,15 +66,21 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         k = k[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
         v = v[:, :, None].expand(b, hkv, group, lk_, d).reshape(b, hkv * group, lk_, d)
     lq, lk = q.shape[2], k.shape[2]
-    mask = None
-    if causal and lq != lk:
-        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        mask = torch.arange(lk, device=q.device)[None, :] <= rows
     previous = _prefer_cudnn()
     try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                              is_causal=causal and lq == lk, scale=scale,
-                                              **extra)
+        if not causal or lq == lk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **extra)
+        chunks = lower_right_row_chunks(lq, lk)
+        out = None if len(chunks) == 1 else q.new_empty(q.shape[:3] + v.shape[3:])
+        for r0, r1 in chunks:
+            seen = lk - lq + r1
+            part = F.scaled_dot_product_attention(
+                q[:, :, r0:r1], k[:, :, :seen], v[:, :, :seen],
+                attn_mask=lower_right_mask(r0, r1, lq, lk, q.device), scale=scale, **extra)
+            if out is None:
+                return part
+            out[:, :, r0:r1] = part
+        return out
     finally:
         if previous is not None:
             torch._C._set_sdp_priority_order(previous)

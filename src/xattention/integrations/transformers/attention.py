@@ -27,6 +27,7 @@ import torch
 from ..._backend import warn_once
 from ...api import xattention
 from ...graphs import XAttentionGraph
+from ...kernels.dense import lower_right_mask, lower_right_row_chunks
 from .._common.stats import AttentionStats
 from .model_info import window_restricts
 from .padding import sparse_with_padding
@@ -48,9 +49,17 @@ def dense_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is None and causal and 1 < q_len < k_len:
         # sdpa's is_causal is upper-left aligned (and transformers would crop the keys):
-        # chunked prefill needs the explicit lower-right pattern.
-        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        attention_mask = (torch.arange(k_len, device=query.device)[None, :] <= rows)[None, None]
+        # chunked prefill needs the explicit lower-right pattern, in chunks of query rows so
+        # that the mask never holds Lq x Lk at once (the core's dense path does the same).
+        parts = []
+        for r0, r1 in lower_right_row_chunks(q_len, k_len):
+            seen = k_len - q_len + r1
+            mask = lower_right_mask(r0, r1, q_len, k_len, query.device)[None, None]
+            part, _ = sdpa_attention_forward(
+                module, query[:, :, r0:r1], key[:, :, :seen], value[:, :, :seen], mask,
+                dropout=dropout, scaling=scaling, is_causal=causal, **kwargs)
+            parts.append(part)  # [B, rows, H, D]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=causal, **kwargs)
 
