@@ -236,3 +236,49 @@ def test_every_block_dropped_gives_zeros_and_minus_inf_lse(make_qkv, softmax_pat
     out, lse = _run(q, k, v, mask, 16, causal, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.isneginf(lse).all()
+
+
+def _minus_inf_logits(gen, causal):
+    """Every row that sees key 16 gets a -inf logit to it (k holds +inf there, q the opposite
+    sign): dense attention gives that key weight 0 and the rows stay finite."""
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=gen) for _ in range(3))
+    k[0, :, 16, 0] = math.inf
+    q[0, :, 16 if causal else 0:, 0] = -1.0
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_minus_inf_logits_weigh_nothing(softmax_path, gen, causal):
+    """Key 16 opens the causal diagonal block of rows 16..31, where it is the only key row 16
+    sees: that partial part has no mass and must add nothing (it once made the row NaN)."""
+    q, k, v = _minus_inf_logits(gen, causal)
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    out, lse = block_sparse_attention(q, k, v, mask, block_size=16, causal=causal,
+                                      backend="torch", return_lse=True)
+    ref = ref_sparse_attention(q.double(), k.double(), v.double(), mask[0], 16, causal)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out.double(), ref, **FP32)
+    assert torch.isfinite(lse).all()
+
+
+def test_a_part_whose_logits_are_all_minus_inf_has_no_mass(softmax_path, gen):
+    """Every logit of a part -inf: dense attention over that part alone is NaN, and its
+    log-sum-exp says "no mass" (-inf), so that merged with a finite part it adds nothing
+    (torch's fused CPU kernel reports output 0 with lse 0, a mass of 1: it is not used then)."""
+    from xattention import merge_attention
+
+    q = torch.randn(1, 1, 16, 16, generator=gen)
+    q[..., 0] = -1.0
+    k_a, v_a, k_b, v_b = (torch.randn(1, 1, 16, 16, generator=gen) for _ in range(4))
+    k_a[..., 0] = math.inf
+    whole = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    for causal in (False, True):
+        out_a, lse_a = block_sparse_attention(q, k_a, v_a, whole, block_size=16, causal=causal,
+                                              backend="torch", return_lse=True)
+        assert torch.isnan(out_a).all() and (lse_a == -math.inf).all()  # as dense: NaN rows
+    out_b, lse_b = block_sparse_attention(q, k_b, v_b, whole, block_size=16, causal=False,
+                                          backend="torch", return_lse=True)
+    merged = merge_attention([(out_a, lse_a), (out_b, lse_b)])
+    k, v = torch.cat([k_a, k_b], 2).double(), torch.cat([v_a, v_b], 2).double()
+    dense = torch.softmax(q.double() @ k.transpose(-1, -2) / 4, -1) @ v
+    torch.testing.assert_close(merged.double(), dense, **FP32)

@@ -477,3 +477,11 @@ def test_graph_on_the_cpu_is_the_eager_call():
     q, k, v = qkv()
     graph = XAttentionGraph(threshold=0.9, stride=S, block_size=BS, backend="torch")
     torch.testing.assert_close(graph(q, k, v), call_xa(q, k, v, threshold=0.9), rtol=0, atol=0)
+
+
+def test_v_none_goes_only_with_a_paged_k():
+    q, k, _ = qkv()
+    with pytest.raises(TypeError, match=r"^v must be a torch.Tensor .* got None"):
+        call_xa(q, k, None)
+    with pytest.raises(TypeError, match=r"^v must be a torch.Tensor .* got None"):
+        block_sparse_attention(q, k, None, good_mask(), block_size=BS)

@@ -95,12 +95,17 @@ def from_bhsd(result: torch.Tensor | tuple, bshd: bool) -> torch.Tensor | tuple:
     return result.transpose(1, 2)
 
 
-def check_qkv(q: object, k: object, v: object | None = None, layout: str = "bhsd"
-              ) -> AttentionShape:
+def check_qkv(q: object, k: object, v: object | None = None, layout: str = "bhsd",
+              need_v: bool = False) -> AttentionShape:
     """Validate q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] (already ``[B, H, L, D]`` views; ``layout`` is
-    what the caller passed, for the hints) against docs/design.md §2.1 and return the sizes."""
+    what the caller passed, for the hints) against docs/design.md §2.1 and return the sizes.
+    ``need_v``: the caller attends, so ``v`` must be given (None only goes with a PagedKV ``k``,
+    which :func:`check_paged_qkv` validates)."""
     q = _check_tensor("q", q)
     k = _check_tensor("k", k)
+    if need_v and v is None:
+        raise TypeError("v must be a torch.Tensor [B, Hkv, Lk, D], got None (v=None goes only "
+                        "with k a PagedKV, which holds both)")
     named = [("q", q), ("k", k)]
     if v is not None:
         v = _check_tensor("v", v)

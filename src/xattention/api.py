@@ -146,7 +146,7 @@ def check_call(q: object, k: object, v: object, *, threshold: object = DEFAULT_T
     if isinstance(k, PagedKV):
         shape = check_paged_qkv(q, k, v)
     else:
-        shape = check_qkv(q, k, v, layout="bshd" if bshd else "bhsd")
+        shape = check_qkv(q, k, v, layout="bshd" if bshd else "bhsd", need_v=True)
     stride, block_size = check_block_params(stride, block_size)
     spec = CallSpec(
         shape=shape,

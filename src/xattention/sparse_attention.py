@@ -85,7 +85,7 @@ def block_sparse_attention(
         True
     """
     q, k, v, bshd = as_bhsd(layout, q, k, v)
-    shape = check_qkv(q, k, v, layout="bshd" if bshd else "bhsd")
+    shape = check_qkv(q, k, v, layout="bshd" if bshd else "bhsd", need_v=True)
     if isinstance(mask, SparsePlan):
         plan = check_plan(mask, shape, block_size, causal)
         block_size, causal = plan.layout.block_size, plan.layout.causal
@@ -179,11 +179,15 @@ def block_sparse_attention_torch(
     k_blocks = _as_blocks(k, bs, work)  # [B*Hkv*nKB, Bs, D]
     v_blocks = _as_blocks(v, bs, work)
     fused = dev.type == "cpu" and _fused_cpu_kernel() is not None
-    # The diagonal's additive mask would turn a hidden non-finite key into NaN logits for rows
-    # that cannot see it (§4 keeps those finite); one check per call (a host sync) decides.
-    # (A sum is one reduction where isfinite().all() is four; its overflow only costs speed.)
+    # Non-finite q or k take the explicit softmax: torch's fused kernel gives a row whose every
+    # logit is -inf output 0 and log-sum-exp 0 (mass 1, where dense attention gives NaN), and
+    # the diagonal's additive mask would turn a hidden non-finite key into NaN logits for rows
+    # that cannot see it (§4 keeps those finite). One check per call (a host sync); a sum is
+    # one reduction where isfinite().all() is four, and its overflow only costs speed.
+    if fused:
+        fused = bool(torch.isfinite(q_blocks.sum() + k_blocks.sum()))
     diagonal = None
-    if fused and causal and (lk - lq) % bs == 0 and bool(torch.isfinite(k_blocks.sum())):
+    if fused and causal and (lk - lq) % bs == 0:
         diagonal = _diagonal_first_mask(bs, max(int(counts.max()), 1), work)  # 0: all dropped
     geo = _Geometry(lq, lk, bs, nqb, nkb, hq, hkv, causal, diagonal, scale)
     out = new_output((b * hq * nqb, bs, v.shape[-1]), q.dtype, dev)
@@ -378,7 +382,12 @@ def _attend(qs, ks, vs, layout: _PieceLayout, geo: _Geometry, fused: bool):
     (o1, l1), (o2, l2) = parts
     total = torch.logaddexp(l1, l2)
     w1, w2 = torch.exp(l1 - total).unsqueeze(-1), torch.exp(l2 - total).unsqueeze(-1)
-    return o1 * w1 + o2 * w2, total
+    # A part without mass (lse -inf: hidden keys, or every logit -inf, whose output is NaN)
+    # weighs 0 and adds nothing; both without mass give NaN weights, so NaN, as dense does for
+    # a row whose every visible logit is -inf.
+    zero = torch.zeros((), dtype=o1.dtype, device=o1.device)
+    out = torch.where(w1 > 0, o1 * w1, zero) + torch.where(w2 > 0, o2 * w2, zero)
+    return torch.where(torch.isnan(w1) | torch.isnan(w2), float("nan"), out), total
 
 
 def _diagonal_first_mask(bs: int, blocks: int, dtype: torch.dtype) -> torch.Tensor:
@@ -394,15 +403,18 @@ def _masked_part(qs, ks, vs, scale, hidden=None):
     """Attention of ``qs [N, Bs, D]`` (times ``scale``) to ``ks, vs [N, M, D]`` minus the
     ``hidden`` pairs, with one materialised softmax. Rows that see no key give 0 and a
     log-sum-exp of ``-inf``; whether a row sees a key comes from ``hidden``, never from the
-    logits, so a NaN input stays NaN."""
+    logits, so a NaN input stays NaN, and a row that sees only ``-inf`` logits gives NaN with
+    a log-sum-exp of ``-inf``."""
     logits = torch.bmm(qs, ks.transpose(1, 2)).mul_(scale)
     seen = None
     if hidden is not None:
         logits.masked_fill_(hidden, float("-inf"))
         seen = ~hidden.all(-1, keepdim=True)
     row_max = logits.amax(-1, keepdim=True)
-    if seen is not None:
-        row_max = torch.where(seen, row_max, torch.zeros_like(row_max))
+    # A row whose every logit is -inf (hidden, or an inf input) subtracts 0, not -inf: its
+    # probabilities are 0 and its lse -inf (no mass; the merge weighs it 0), and a row that saw
+    # keys then divides 0 by 0: NaN, as dense attention gives it.
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     probs = logits.sub_(row_max).exp_()
     denom = probs.sum(-1, keepdim=True)
     out = torch.bmm(probs, vs) / denom
