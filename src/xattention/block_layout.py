@@ -11,6 +11,7 @@ masks are ``[nQB, nKB]`` and broadcast over the rest.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,16 @@ def candidate_blocks(
 ) -> torch.Tensor:
     """Bool ``[nQB, nKB]``: :meth:`BlockLayout.candidate`."""
     return BlockLayout(q_len, k_len, block_size, causal).candidate(device)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_candidate_blocks(q_len: int, k_len: int, block_size: int, causal: bool,
+                            device: torch.device) -> tuple[torch.Tensor, int]:
+    """``(candidate_blocks on device, their count)``, built once per shape: the same few shapes
+    recur every call (one prompt length, many layers), and the count is known without reading
+    the device. Shared and cached: read it, never write into it."""
+    cand = candidate_blocks(q_len, k_len, block_size, causal)
+    return cand.to(device), int(cand.sum())
 
 
 def forced_blocks(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 # The dense-switch policy (runs_dense, dense_flops, the crossover) lives in the backend module,
 # which owns every choice of implementation; re-exported here for existing imports.
 from .._backend import DENSE_FLOP_CROSSOVER, dense_flops, runs_dense  # noqa: E402,F401
-from ..block_layout import BlockLayout
+from ..block_layout import cached_candidate_blocks
 
 # SDPA grew enable_gqa in torch 2.5.
 _SDPA_TAKES_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -108,14 +108,8 @@ def _cudnn_first(previous: tuple[int, ...]) -> list[int]:
     return first + [b for b in previous if b not in first]
 
 
-@functools.lru_cache(maxsize=64)
-def _candidates(q_len: int, k_len: int, block_size: int, causal: bool,
-                device: torch.device) -> torch.Tensor:
-    return BlockLayout(q_len, k_len, block_size, causal).candidate(device)
-
-
 def dense_block_mask(batch: int, heads: int, q_len: int, k_len: int, block_size: int,
                      causal: bool, device: torch.device) -> torch.Tensor:
     """The mask a dense call reports: every candidate block (one copy from a cached pattern)."""
-    cand = _candidates(q_len, k_len, block_size, causal, device)
+    cand, _ = cached_candidate_blocks(q_len, k_len, block_size, causal, device)
     return cand.expand(batch, heads, *cand.shape).clone()

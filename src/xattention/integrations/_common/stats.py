@@ -12,28 +12,19 @@ transformers, diffusers and vLLM integrations all record through :meth:`Attentio
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from ...block_layout import candidate_blocks
+from ...block_layout import cached_candidate_blocks
 
 __all__ = ["AttentionStats", "LayerStats", "count_blocks"]
 
 
 def _count_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
-@functools.lru_cache(maxsize=64)
-def _candidates(q_len: int, k_len: int, block_size: int, causal: bool,
-                device: torch.device) -> tuple[torch.Tensor, float]:
-    # The same few shapes recur every call (one prompt length, many layers): build each once.
-    cand = candidate_blocks(q_len, k_len, block_size, causal)
-    return cand.to(device), float(cand.sum())
 
 
 def count_blocks(mask: torch.Tensor | None, q_len: int, k_len: int, block_size: int,
@@ -45,8 +36,8 @@ def count_blocks(mask: torch.Tensor | None, q_len: int, k_len: int, block_size: 
     (every candidate kept).
     """
     device = mask.device if mask is not None else torch.device("cpu")
-    cand, per_batch = _candidates(q_len, k_len, block_size, causal, device)
-    total = per_batch * batch
+    cand, per_batch = cached_candidate_blocks(q_len, k_len, block_size, causal, device)
+    total = float(per_batch * batch)
     if mask is None:
         return torch.full((heads,), total, dtype=torch.float64), total
     kept = (mask & cand).sum(dim=(0, 2, 3)).to(_count_dtype(mask.device))
