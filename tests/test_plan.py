@@ -90,6 +90,7 @@ def test_plan_from_mask_round_trips_and_drops_non_candidates(lq, lk, bs, causal,
         for row_c, row_i in zip(count.flatten().tolist(), index.flatten(0, 2), strict=True):
             assert row_i[:row_c].tolist() == sorted(row_i[:row_c].tolist())  # ascending
             assert not row_i[row_c:].any()  # unused slots are block 0 (FA4 loads them)
+    assert plan.check_contents() is plan  # every plan from_mask builds passes its own check
     ref_overall, ref_per_head = block_density(mask, lq, lk, bs, causal).values()
     assert plan.density() == pytest.approx(ref_overall)
     torch.testing.assert_close(plan.density_per_head(), ref_per_head)
@@ -120,6 +121,35 @@ def test_plan_validators_name_the_field():
                    good.full_index)
     with pytest.raises(TypeError, match="layout must be a BlockLayout"):
         SparsePlan((64, 64, 16, True), *list(vars(good).values())[1:])
+
+
+def _edited(plan, **changes):
+    fields = {n: getattr(plan, n).clone() for n in
+              ("full_count", "full_index", "partial_count", "partial_index")}
+    for name, (where, value) in changes.items():
+        fields[name][where] = value
+    return SparsePlan(plan.layout, **fields)
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    (dict(full_count=((0, 0, 3), 5)), r"full_count must lie in \[0, 4\]"),
+    (dict(partial_count=((0, 0, 3), -1)), r"partial_count must lie in \[0, 2\]"),
+    (dict(full_index=((0, 0, 3, 0), 7)), r"full_index holds a key block outside \[0, 4\)"),
+    (dict(full_index=((0, 0, 3, 1), 0)), "strictly ascending"),
+    (dict(partial_index=((0, 0, 1, 0), 3)), "not a partial block"),
+    (dict(full_index=((0, 0, 3, 2), 3)), "not a fully visible block"),  # the diagonal as full
+])
+def test_hand_built_plan_contents_are_checked(changes, match):
+    """The kernels trust a plan's lists: a hand-built one that breaks them is refused where a
+    plan on the CPU enters block_sparse_attention (and by check_contents anywhere)."""
+    lay = BlockLayout(64, 64, 16, True)
+    good = SparsePlan.from_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), lay)
+    bad = _edited(good, **changes)
+    with pytest.raises(ValueError, match=match):
+        bad.check_contents()
+    q = k = v = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention(q, k, v, bad, backend="torch")
 
 
 def test_block_sparse_attention_checks_the_plan_against_the_call():

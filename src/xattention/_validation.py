@@ -158,7 +158,7 @@ def check_paged_qkv(q: object, kv: PagedKV, v: object) -> AttentionShape:
         raise ValueError(f"the PagedKV's block_table has {kb} rows but q has batch size {b}")
     if dk != d:
         raise ValueError(f"the PagedKV has head_dim {dk} but q has {d}; they must match")
-    if hq % hkv != 0:
+    if hq == 0 or hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of the PagedKV's kv heads ({hkv})")
     if lq == 0 or d == 0:
         raise ValueError(f"q needs a non-empty length and head_dim, got {tuple(q.shape)}")
@@ -349,6 +349,8 @@ def check_plan(plan: SparsePlan, shape: AttentionShape, block_size: object = Non
     if plan.device != shape.device:
         raise ValueError(f"the plan is on {plan.device} but q is on {shape.device}; they must "
                          "match")
+    if plan.device.type == "cpu":  # reading the lists costs no sync here (plan.check_contents)
+        plan.check_contents()
     if plan.batch not in (1, shape.batch) or shape.q_heads % plan.heads:
         raise ValueError(f"a plan for batch {plan.batch}, {plan.heads} heads cannot serve "
                          f"batch {shape.batch}, {shape.q_heads} query heads")

@@ -132,6 +132,41 @@ class SparsePlan:
         partial_count, partial_index = _compact(keep & ~visible, layout.max_partial_blocks)
         return SparsePlan(layout, full_count, full_index, partial_count, partial_index)
 
+    # -- checks -----------------------------------------------------------------------------
+    def check_contents(self) -> SparsePlan:
+        """Raise ``ValueError`` where the lists break the plan's rules; return the plan.
+
+        The kernels trust a plan (``from_mask`` and the selection always build valid ones): a
+        hand-built plan with an index past ``nKB``, a count past its list, or a block in the
+        wrong list would read out of bounds or skip the causal mask. This reads the lists (a
+        host sync on CUDA), so ``block_sparse_attention`` runs it for plans on the CPU only;
+        call it yourself on a hand-built CUDA plan.
+        """
+        lay = self.layout
+        visible = lay.fully_visible(self.device)
+        partial_ok = lay.candidate(self.device) & ~visible
+        for name, count, index, allowed, what in (
+                ("full", self.full_count, self.full_index, visible, "a fully visible block"),
+                ("partial", self.partial_count, self.partial_index, partial_ok,
+                 "a partial block (a candidate not fully visible)")):
+            width = index.shape[-1]
+            if bool(((count < 0) | (count > width)).any()):
+                raise ValueError(f"SparsePlan.{name}_count must lie in [0, {width}], got "
+                                 f"values {int(count.min())} .. {int(count.max())}")
+            used = torch.arange(width, device=self.device) < count.unsqueeze(-1)
+            idx = index.long()
+            if bool(((idx < 0) | (idx >= lay.num_k_blocks))[used].any()):
+                raise ValueError(f"SparsePlan.{name}_index holds a key block outside [0, "
+                                 f"{lay.num_k_blocks}) among its first {name}_count entries")
+            if width > 1 and bool(((idx[..., 1:] <= idx[..., :-1]) & used[..., 1:]).any()):
+                raise ValueError(f"SparsePlan.{name}_index rows must be strictly ascending in "
+                                 f"their first {name}_count entries")
+            rows = allowed.expand(*idx.shape[:-1], lay.num_k_blocks)
+            if not bool(rows.gather(-1, idx.clamp(0, lay.num_k_blocks - 1))[used].all()):
+                raise ValueError(f"SparsePlan.{name}_index lists a key block that is not {what} "
+                                 f"of its query block for {lay} (docs/design.md §14)")
+        return self
+
     # -- views ------------------------------------------------------------------------------
     def to_dense(self) -> torch.Tensor:
         """Bool ``[B, H, nQB, nKB]``: the kept blocks as a block mask."""
