@@ -282,3 +282,17 @@ def test_a_part_whose_logits_are_all_minus_inf_has_no_mass(softmax_path, gen):
     k, v = torch.cat([k_a, k_b], 2).double(), torch.cat([v_a, v_b], 2).double()
     dense = torch.softmax(q.double() @ k.transpose(-1, -2) / 4, -1) @ v
     torch.testing.assert_close(merged.double(), dense, **FP32)
+
+
+def test_a_nan_value_behind_an_underflowing_weight_stays_nan(softmax_path, gen):
+    """Rows 17..31 see a NaN in v (key 17, in their diagonal block) through a weight that
+    underflows to 0 in float32 (block 0's logits are 200 larger): dense attention's 0 * NaN is
+    NaN, so the merge of the parts must keep it (only a part without mass, lse -inf, adds
+    nothing). Rows that cannot see it may be NaN too (docs/design.md §4)."""
+    q, k, v = (torch.randn(1, 1, 32, 16, generator=gen) for _ in range(3))
+    q[..., 0], k[..., 0] = 20.0, 0.0
+    k[:, :, :16, 0] = 40.0  # logits to block 0: 800 / sqrt(16) = 200 above the diagonal's
+    v[0, 0, 17, 3] = math.nan
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    out = block_sparse_attention(q, k, v, mask, block_size=16, causal=True, backend="torch")
+    assert not torch.isfinite(out[0, 0, 17:]).all(-1).any()

@@ -383,10 +383,13 @@ def _attend(qs, ks, vs, layout: _PieceLayout, geo: _Geometry, fused: bool):
     total = torch.logaddexp(l1, l2)
     w1, w2 = torch.exp(l1 - total).unsqueeze(-1), torch.exp(l2 - total).unsqueeze(-1)
     # A part without mass (lse -inf: hidden keys, or every logit -inf, whose output is NaN)
-    # weighs 0 and adds nothing; both without mass give NaN weights, so NaN, as dense does for
-    # a row whose every visible logit is -inf.
+    # adds nothing; both without mass give NaN weights, so NaN, as dense does for a row whose
+    # every visible logit is -inf. Keyed on the lse, not on the weight: a weight that merely
+    # underflows to 0 still carries a NaN of v, as dense attention's 0 * NaN does.
     zero = torch.zeros((), dtype=o1.dtype, device=o1.device)
-    out = torch.where(w1 > 0, o1 * w1, zero) + torch.where(w2 > 0, o2 * w2, zero)
+    no_mass = float("-inf")
+    out = (torch.where((l1 == no_mass).unsqueeze(-1), zero, o1 * w1)
+           + torch.where((l2 == no_mass).unsqueeze(-1), zero, o2 * w2))
     return torch.where(torch.isnan(w1) | torch.isnan(w2), float("nan"), out), total
 
 
