@@ -279,6 +279,14 @@ def test_merge_attention_non_finite_rows():
     lse_nan = seen.clone()
     lse_nan[0, 0, 2] = math.nan
     assert torch.isnan(merge_attention([(o, lse_nan), (o, seen)])[0, 0, 2]).all()
+    # A NaN behind a weight that underflows to 0 stays NaN (dense attention's 0 * NaN).
+    far = torch.full((1, 1, 3), -200.0)
+    assert torch.isnan(merge_attention([(o, seen), (nan_row, far)])[0, 0, 1]).all()
+    # A part that saw only -inf logits (NaN output, lse -inf) adds nothing beside mass, and
+    # alone gives NaN, as dense attention over its keys does.
+    minus_inf = (torch.full((1, 1, 3, 2), math.nan), torch.full((1, 1, 3), -math.inf))
+    assert torch.equal(merge_attention([(o, seen), minus_inf]), o)
+    assert torch.isnan(merge_attention([minus_inf, nothing])).all()
     with pytest.raises(ValueError, match=r"parts\[1\]"):
         merge_attention([(o, seen), (o, seen[..., :2])])
 

@@ -10,8 +10,10 @@ This is how the diffusers joint text/video path puts XAttention over the video k
 dense attention over the text keys, and how chunked or split attention is recombined.
 
 Non-finite rows (docs/design.md §4) keep what dense attention over the union would give: a part
-whose row is NaN (a NaN it could see) makes the merged row NaN; a part that saw no key at all
-(``lse = -inf``, zero output) contributes nothing; a row no part saw stays zero with ``-inf``.
+whose row is NaN (a NaN it could see) makes the merged row NaN; a part without mass (``lse =
+-inf``: it saw no key, zero output, or only ``-inf`` logits, NaN output) contributes nothing; a
+row no part gave mass stays zero with ``-inf`` where no part saw a key, NaN where one saw only
+``-inf`` logits.
 """
 
 from __future__ import annotations
@@ -71,17 +73,23 @@ def merge_attention(
     total = lses[0]
     for lse in lses[1:]:
         total = torch.logaddexp(total, lse)
-    # A row no part saw (every lse -inf) would give exp(-inf - -inf) = NaN: weigh it 0 instead.
+    # A row no part gave mass (every lse -inf) would give exp(-inf - -inf) = NaN: weigh it 0.
     unseen = total == float("-inf")
     safe_total = torch.where(unseen, torch.zeros_like(total), total)
-    out = None
+    zero = torch.zeros((), dtype=work, device=parts[0][0].device)
+    out, massless_nan = None, torch.zeros_like(unseen)
     for (o, _), lse in zip(parts, lses, strict=True):
         weight = torch.exp(lse - safe_total).unsqueeze(-1)
-        # A part that saw nothing has weight 0 and a zero output: 0, even if out holds garbage.
-        term = torch.where(weight > 0, o.to(work) * weight, torch.zeros((), dtype=work,
-                                                                         device=o.device))
+        no_mass = lse == float("-inf")
+        # A part without mass (it saw no key, or only -inf logits) adds nothing, whatever its
+        # output holds. Keyed on the lse, not on the weight: a weight that merely underflows
+        # to 0 still carries a NaN of v, as dense attention's 0 * NaN does.
+        term = torch.where(no_mass.unsqueeze(-1), zero, o.to(work) * weight)
         # A NaN row of a part stays NaN (weight NaN, or NaN output), as dense attention would.
         term = torch.where(torch.isnan(weight), float("nan"), term)
         out = term if out is None else out + term
-    out = out.to(dtype)
+        massless_nan = massless_nan | (no_mass & torch.isnan(o).any(-1))
+    # A row no part gave mass stays 0 where no part saw a key, and is NaN where a part saw only
+    # -inf logits (its output NaN): dense attention over the union gives NaN there.
+    out = torch.where((unseen & massless_nan).unsqueeze(-1), float("nan"), out).to(dtype)
     return (out, total) if return_lse else out

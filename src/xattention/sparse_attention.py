@@ -25,6 +25,7 @@ from ._validation import (
     from_bhsd,
 )
 from .block_layout import BlockLayout, num_blocks
+from .merge import merge_attention
 from .paged import PagedKV
 from .plan import SparsePlan
 
@@ -379,18 +380,9 @@ def _attend(qs, ks, vs, layout: _PieceLayout, geo: _Geometry, fused: bool):
                                   hidden))
     if len(parts) == 1:
         return parts[0]
-    (o1, l1), (o2, l2) = parts
-    total = torch.logaddexp(l1, l2)
-    w1, w2 = torch.exp(l1 - total).unsqueeze(-1), torch.exp(l2 - total).unsqueeze(-1)
-    # A part without mass (lse -inf: hidden keys, or every logit -inf, whose output is NaN)
-    # adds nothing; both without mass give NaN weights, so NaN, as dense does for a row whose
-    # every visible logit is -inf. Keyed on the lse, not on the weight: a weight that merely
-    # underflows to 0 still carries a NaN of v, as dense attention's 0 * NaN does.
-    zero = torch.zeros((), dtype=o1.dtype, device=o1.device)
-    no_mass = float("-inf")
-    out = (torch.where((l1 == no_mass).unsqueeze(-1), zero, o1 * w1)
-           + torch.where((l2 == no_mass).unsqueeze(-1), zero, o2 * w2))
-    return torch.where(torch.isnan(w1) | torch.isnan(w2), float("nan"), out), total
+    # The two parts by their log-sum-exps (the core's merge keeps the non-finite rules: a part
+    # without mass adds nothing, a NaN behind an underflowing weight stays NaN).
+    return merge_attention(parts, dtype=parts[0][0].dtype, return_lse=True)
 
 
 def _diagonal_first_mask(bs: int, blocks: int, dtype: torch.dtype) -> torch.Tensor:
